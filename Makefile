@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up what it needs.
+VENV ?= .venv
+DEVICES ?= 8
+WORKDIR ?= demo-workspace
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@VENV=$(VENV) ./scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/stampline demo --devices $(DEVICES) --workdir $(WORKDIR)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python bench/issuance.py
+
+clean:
+	rm -rf $(WORKDIR) .pytest_cache

@@ -1,0 +1,3 @@
+"""stampline: secure manufacturing and provisioning of IoT devices."""
+
+__version__ = "0.1.0"

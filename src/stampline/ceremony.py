@@ -1,0 +1,179 @@
+"""The CA ceremony on a workspace: station configuration, tokens, root CA, Sub CA, CRL.
+
+Each step looks at what already exists and does only what is missing, so a ceremony that was
+interrupted can be run again; nothing that exists is ever replaced.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from stampline.errors import StamplineError, UsageError
+from stampline.pki import ca, softhsm
+from stampline.pki import x509 as px
+from stampline.pki.pin import seal
+from stampline.pki.token import KeyAlgorithm
+from stampline.pki.uri import Pkcs11Uri
+from stampline.workspace import SOFTHSM, StationConfig, Workspace, new_workspace_id
+
+ROOT_KEY = "root-ca"
+SUB_KEY = "sub-ca"
+
+
+@dataclass(frozen=True)
+class CeremonyOptions:
+    organization: str = "Stampline Demo"
+    station_id: str = "line-1"
+    pin_source: str = "sealed"  # sealed | prompt | env:NAME
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    root_days: int = 7300
+    sub_days: int = 3650
+
+
+@dataclass(frozen=True)
+class CeremonyResult:
+    root: x509.Certificate
+    sub: x509.Certificate
+    created: list[str]
+
+
+def _pin_spec(source: str, workspace_id: str, label: str, pin: str) -> dict[str, object]:
+    if source == "sealed":
+        return {"sealed": seal(pin, workspace_id, label)}
+    if source == "prompt":
+        return {"prompt": True}
+    return {"env": source.split(":", 1)[1]}
+
+
+def _new_pin(source: str, label: str) -> str:
+    if source == "sealed":
+        return secrets.token_urlsafe(12)
+    if source == "prompt":
+        if not sys.stdin.isatty():
+            raise UsageError("--pin-source prompt needs a terminal to type the new PINs.")
+        first = getpass.getpass(f"New PIN for token '{label}': ")
+        if first != getpass.getpass("Again: "):
+            raise UsageError("the two PINs differ; nothing was created.")
+        return first
+    name = source.split(":", 1)[1]
+    value = os.environ.get(name, "")
+    if len(value) < 4:
+        raise UsageError(f"the environment variable {name} must hold the new token PIN (at least 4 characters).")
+    return value
+
+
+def _check_options(options: CeremonyOptions) -> None:
+    if not (options.pin_source in ("sealed", "prompt") or
+            (options.pin_source.startswith("env:") and options.pin_source[4:].replace("_", "").isalnum())):
+        raise UsageError(f"--pin-source must be sealed, prompt or env:NAME, not '{options.pin_source}'.")
+    if not options.station_id.replace("-", "").isalnum() or len(options.station_id) > 24:
+        raise UsageError("--station-id must be 1-24 letters, digits or '-'.")
+    if not (0 < len(options.organization) <= 64 and options.organization.isprintable()):
+        raise UsageError("--org must be 1-64 printable characters.")
+
+
+def _configure(workspace: Workspace, options: CeremonyOptions, created: list[str]) -> StationConfig:
+    if workspace.has_config():
+        return workspace.config()
+    _check_options(options)
+    workspace_id = new_workspace_id()
+    conf = softhsm.write_config(workspace.softhsm_dir)
+    tokens: dict[str, dict[str, object]] = {}
+    for label in ("stampline-root", f"stampline-{options.station_id}"):
+        user_pin = _new_pin(options.pin_source, label)
+        so_pin = secrets.token_urlsafe(16)
+        softhsm.init_token(conf, label, so_pin, user_pin)
+        tokens[label] = {"module": SOFTHSM, "pin": _pin_spec(options.pin_source, workspace_id, label, user_pin),
+                         "so_pin": {"sealed": seal(so_pin, workspace_id, label + "/so")}}
+        created.append(f"token {label}")
+    config = StationConfig(workspace, workspace_id, options.station_id, tokens, {
+        "root_ca": Pkcs11Uri(token="stampline-root", object=ROOT_KEY),
+        "sub_ca": Pkcs11Uri(token=f"stampline-{options.station_id}", object=SUB_KEY),
+    })
+    config.save()
+    created.append("station configuration")
+    return config
+
+
+def _write_pem(path: Path, cert: x509.Certificate) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(cert.public_bytes(Encoding.PEM))
+    os.replace(tmp, path)
+
+
+def init(workspace: Workspace, options: CeremonyOptions) -> CeremonyResult:
+    """Run whatever part of the ceremony this workspace still lacks."""
+    created: list[str] = []
+    config = _configure(workspace, options, created)
+    root_token, root_label = config.key_token("root_ca")
+    sub_token, sub_label = config.key_token("sub_ca")
+    organization = options.organization
+
+    if workspace.root_cert_path.exists():
+        root_cert = load_root(workspace)
+    else:
+        if root_token.has_key(root_label):
+            raise StamplineError(f"token '{root_token.label}' holds a root key but the workspace has no root "
+                                 "certificate; restore ca/root-ca.pem instead of making a new root.")
+        root_cert = ca.create_root(root_token, root_label, ca.name(f"{organization} Root CA", organization),
+                                   options.root_days, options.key_algorithm)
+        _write_pem(workspace.root_cert_path, root_cert)
+        created.append("root CA")
+
+    if workspace.sub_cert_path.exists():
+        sub_cert = load_sub(workspace)
+    else:
+        subject = ca.name(f"{organization} {config.station_id} Sub CA", organization)
+        if sub_token.has_key(sub_label):
+            csr = px.build_csr(subject, sub_token.signer(sub_label), [(x509.BasicConstraints(ca=True, path_length=0), True)])
+        else:
+            csr = ca.create_sub_ca_request(sub_token, sub_label, subject, options.key_algorithm)
+        (workspace.ca_dir / "sub-ca.csr.der").write_bytes(csr)
+        sub_cert = ca.sign_sub_ca(root_token.signer(root_label), root_cert, csr, options.sub_days)
+        _write_pem(workspace.sub_cert_path, sub_cert)
+        created.append("Sub CA")
+    return CeremonyResult(root_cert, sub_cert, created)
+
+
+def _load(path: Path, what: str) -> x509.Certificate:
+    if not path.exists():
+        raise UsageError(f"the workspace has no {what} certificate ({path.name}); run 'stampline ca init' first.")
+    return px.load_certificate(path.read_bytes(), f"{what} certificate")
+
+
+def load_root(workspace: Workspace) -> x509.Certificate:
+    return _load(workspace.root_cert_path, "root CA")
+
+
+def load_sub(workspace: Workspace) -> x509.Certificate:
+    return _load(workspace.sub_cert_path, "Sub CA")
+
+
+def issue_crl(workspace: Workspace, revoked: list[px.Revoked], days: int = 7) -> x509.CertificateRevocationList:
+    """Issue the next CRL of the Sub CA and write it to the workspace."""
+    config = workspace.config()
+    token, label = config.key_token("sub_ca")
+    number_path = workspace.ca_dir / "crl-number"
+    number = int(number_path.read_text()) + 1 if number_path.exists() else 1
+    crl = ca.issue_crl(token.signer(label), load_sub(workspace), revoked, number, days)
+    tmp = workspace.crl_path.with_suffix(".tmp")
+    tmp.write_bytes(crl.public_bytes(Encoding.PEM))
+    os.replace(tmp, workspace.crl_path)
+    number_path.write_text(str(number))
+    return crl
+
+
+def revoked_entry(serial_hex: str, revoked_at: float, reason: str) -> px.Revoked:
+    flag = {"rework": x509.ReasonFlags.superseded, "superseded": x509.ReasonFlags.superseded,
+            "key-compromise": x509.ReasonFlags.key_compromise}.get(reason, x509.ReasonFlags.unspecified)
+    return px.Revoked(int(serial_hex, 16), datetime.fromtimestamp(revoked_at, timezone.utc).replace(microsecond=0), flag)

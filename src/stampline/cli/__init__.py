@@ -1,0 +1,1 @@
+"""The command line: thin. Parse, call a plain function, print."""

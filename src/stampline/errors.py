@@ -1,0 +1,27 @@
+"""The one exception type the command line turns into a sentence and an exit code.
+
+Every refusal a user can cause (bad input, a wrong PIN, a device that misbehaves) is raised
+as a `StamplineError` whose message is one complete sentence; anything else is a bug and
+is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class StamplineError(Exception):
+    """A refusal with a one-sentence reason, safe to show to an operator."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(StamplineError):
+    """A bad command line or configuration value."""
+
+    exit_code = 2

@@ -1,0 +1,73 @@
+"""The device certificate profile, and the issuer that signs it through the Sub CA's token.
+
+Subject CN = the serial the station allocated, subject serialNumber = the chip id (its base
+MAC), subjectAltName URI ``urn:dev:mac:<chip id>`` (RFC 9039); a random 159-bit serial number;
+keyUsage digitalSignature (critical; plus keyEncipherment for RSA keys); extendedKeyUsage
+clientAuth; basicConstraints CA:FALSE (critical); subject and authority key identifiers;
+validity from the recipe, never past the Sub CA's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from stampline.errors import StamplineError
+from stampline.pki import x509 as px
+from stampline.pki.ca import random_serial
+
+if TYPE_CHECKING:
+    from stampline.pki.policy import AcceptedCsr
+
+_NAME_OIDS = {"country": NameOID.COUNTRY_NAME, "organization": NameOID.ORGANIZATION_NAME,
+              "organizational_unit": NameOID.ORGANIZATIONAL_UNIT_NAME, "common_name": NameOID.COMMON_NAME}
+KEY_TYPES = {"ec-p256": ("ec", 256), "rsa-2048": ("rsa", 2048), "rsa-3072": ("rsa", 3072)}
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    key_type: str  # one of KEY_TYPES
+    validity_days: int
+    subject: dict[str, str]  # rendered attributes: common_name (the serial), organization, ...
+
+    def certificate_subject(self, chip_id: str) -> x509.Name:
+        attrs = [x509.NameAttribute(_NAME_OIDS[key], self.subject[key])
+                 for key in ("country", "organization", "organizational_unit", "common_name") if key in self.subject]
+        attrs.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, chip_id))
+        return x509.Name(attrs)
+
+
+class DeviceIssuer:
+    """Signs device certificates with the Sub CA key through its token."""
+
+    def __init__(self, ca_cert: x509.Certificate, signer: px.Signer) -> None:
+        if px.spki_der(signer.public_key) != px.spki_der(ca_cert.public_key()):  # type: ignore[arg-type]
+            raise StamplineError("the Sub CA key in the token does not match the Sub CA certificate.")
+        self.ca_cert = ca_cert
+        self.signer = signer
+        self._authority_key_id = x509.AuthorityKeyIdentifier(px.key_identifier(signer.public_key), None, None)
+
+    def issue(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> bytes:
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        not_after = min(now + timedelta(days=profile.validity_days), self.ca_cert.not_valid_after_utc)
+        rsa_key = isinstance(accepted.public_key, rsa.RSAPublicKey)
+        usage = x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=rsa_key, data_encipherment=False,
+            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False)
+        fields = px.CertificateFields(
+            serial_number=random_serial(), issuer=self.ca_cert.subject, subject=profile.certificate_subject(chip_id),
+            not_before=now - timedelta(minutes=5), not_after=not_after, public_key_der=accepted.public_key_der,
+            extensions=[
+                (x509.BasicConstraints(ca=False, path_length=None), True),
+                (usage, True),
+                (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+                (x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"urn:dev:mac:{chip_id}")]), False),
+                (x509.SubjectKeyIdentifier(px.key_identifier(accepted.public_key)), False),
+                (self._authority_key_id, False),
+            ])
+        return px.sign_certificate(fields, self.signer)

@@ -1,0 +1,270 @@
+"""The product recipe: one YAML file per product that tells the station everything it does.
+
+Validated field by field; an error names the field and says what is wrong in one sentence.
+``TEMPLATE`` is the commented example printed by ``stampline recipe template`` and written
+into a new demo workspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from stampline.errors import UsageError
+
+CHIPS = ("esp32c3", "esp32s3", "esp32c6", "esp32")
+DEVICE_KEYS = ("ec-p256", "rsa-2048", "rsa-3072")
+REGISTRATION = ("jitr", "manifest")
+_SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+_NVS_KEY_RE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
+_VERSION_RE = re.compile(r"^v?(\d{1,5})\.(\d{1,5})\.(\d{1,5})(?:[-+][0-9A-Za-z.-]{0,20})?$")
+NVS_STAMP_KEYS = ("serial", "endpoint", "certificate", "ca_certificate", "pop")
+
+TEMPLATE = """\
+# stampline product recipe: what the station does for every device of this product.
+# Reference: docs/recipe.md. Validate with: stampline recipe check FILE
+
+product:
+  name: acme-sensor              # lowercase letters, digits and '-'; names the product everywhere
+  organization: Acme Devices     # O= of device certificates
+
+chip: esp32c3                    # esp32c3 (reference), esp32s3, esp32c6, esp32
+device_key: ec-p256              # generated ON the device: ec-p256, rsa-2048 (7-12 s) or rsa-3072
+
+serial:
+  template: "ACME-{counter:06d}" # fields: {counter} (required), {product}
+  start: 1                       # first counter value
+
+subject:                         # device certificate subject; CN must contain {serial}
+  common_name: "{serial}"
+  organization: "{organization}"
+  # organizational_unit: Sensors
+  # country: DE
+
+certificate:
+  validity_days: 7300            # devices live long; the cloud revokes by CRL, not by expiry
+
+nvs:                             # where the manufacturing firmware keeps the stamp (plaintext
+  partition: fctry               # until first boot moves it to encrypted NVS)
+  namespace: stamp
+  keys:
+    serial: serial
+    endpoint: endpoint
+    certificate: cert
+    ca_certificate: ca_cert      # the Sub CA certificate, presented with the device's for JITR
+    pop: pop                     # proof-of-possession secret for end-user setup
+
+pop:
+  bytes: 16                      # random bytes of the proof-of-possession secret (0 = none)
+
+endpoint:
+  url: "mqtts://127.0.0.1:8883"  # the IoT endpoint written into every device
+  registration: jitr             # jitr (the cloud trusts the CA) or manifest (bulk registration)
+
+firmware:
+  manufacturing:
+    min_version: "1.0.0"
+  application:
+    min_version: "1.0.0"
+"""
+
+
+@dataclass(frozen=True)
+class FirmwareRule:
+    min_version: tuple[int, int, int]
+    min_version_text: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    product: str
+    organization: str
+    chip: str
+    device_key: str
+    serial_template: str
+    serial_start: int
+    subject: dict[str, str]
+    validity_days: int
+    nvs_partition: str
+    nvs_namespace: str
+    nvs_keys: dict[str, str]
+    pop_bytes: int
+    endpoint: str
+    registration: str
+    firmware: dict[str, FirmwareRule]
+    sha256: str = field(default="", compare=False)
+    source: str = field(default="", compare=False)
+
+    def serial(self, counter: int) -> str:
+        return _render(self.serial_template, counter=counter, product=self.product)
+
+    def subject_attributes(self, serial: str) -> dict[str, str]:
+        return {attr: _render(tmpl, serial=serial, product=self.product, organization=self.organization)
+                for attr, tmpl in self.subject.items()}
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """A firmware version as (major, minor, patch), or None when it is not one."""
+    match = _VERSION_RE.match(text)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def _render(template: str, **values: Any) -> str:
+    return template.format_map(values)
+
+
+class _Fields:
+    """Reads a mapping field by field, turning every mistake into one sentence naming the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, path: str, problem: str) -> UsageError:
+        return UsageError(f"{self.where}: {path}: {problem}")
+
+    def mapping(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(raw, dict):
+            raise self.fail(path, "must be a mapping.")
+        for key in raw:
+            if key not in allowed:
+                raise self.fail(f"{path}.{key}" if path else str(key),
+                                f"is not a recipe field (expected one of: {', '.join(allowed)}).")
+        return raw
+
+    def get(self, raw: dict[str, Any], path: str, key: str, kind: type, default: Any = ...,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        full = f"{path}.{key}" if path else key
+        if key not in raw or raw[key] is None:
+            if default is ...:
+                raise self.fail(full, "is required.")
+            return default
+        value = raw[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.fail(full, f"must be a whole number, not {value!r}.")
+        if kind is str and not isinstance(value, str):
+            raise self.fail(full, f"must be a string, not {value!r}.")
+        if kind is dict and not isinstance(value, dict):
+            raise self.fail(full, "must be a mapping.")
+        if check is not None and (problem := check(value)):
+            raise self.fail(full, problem)
+        return value
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"'{v}' is not one of {', '.join(options)}."
+
+
+def _template_problem(template: str, allowed: set[str], required: str | None) -> str | None:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:
+        return f"'{template}' is not a valid template (unbalanced braces)."
+    unknown = names - allowed
+    if unknown:
+        return f"the template uses unknown field {{{sorted(unknown)[0]}}} (allowed: {', '.join(sorted(allowed))})."
+    if required and required not in names:
+        return f"the template must contain {{{required}}}."
+    return None
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"there is no recipe at {path}.") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError):
+        raise UsageError(f"the recipe {path} cannot be read as text.") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, where: str = "recipe") -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{where} is not valid YAML{at}.") from None
+    f = _Fields(where)
+    top = f.mapping(raw, "", ("product", "chip", "device_key", "serial", "subject", "certificate", "nvs", "pop",
+                              "endpoint", "firmware"))
+    product = f.mapping(f.get(top, "", "product", dict), "product", ("name", "organization"))
+    name = f.get(product, "product", "name", str,
+                 check=lambda v: None if _NAME_RE.match(v) else f"'{v}' must be 1-32 lowercase letters, digits or '-'.")
+    organization = f.get(product, "product", "organization", str,
+                         check=lambda v: None if 0 < len(v) <= 64 and v.isprintable() else "must be 1-64 printable characters.")
+    chip = f.get(top, "", "chip", str, check=_one_of(CHIPS))
+    device_key = f.get(top, "", "device_key", str, "ec-p256", check=_one_of(DEVICE_KEYS))
+
+    serial = f.mapping(f.get(top, "", "serial", dict), "serial", ("template", "start"))
+    serial_template = f.get(serial, "serial", "template", str,
+                            check=lambda v: _template_problem(v, {"counter", "product"}, "counter"))
+    serial_start = f.get(serial, "serial", "start", int, 1,
+                         check=lambda v: None if 0 <= v < 10**12 else "must be between 0 and 10^12.")
+    try:
+        sample = _render(serial_template, counter=serial_start, product=name)
+    except (ValueError, KeyError, IndexError):
+        raise f.fail("serial.template", f"'{serial_template}' cannot be formatted with a counter.") from None
+    if not _SERIAL_RE.match(sample):
+        raise f.fail("serial.template", f"gives '{sample}', but a serial must be 1-64 letters, digits, '.', '_' or '-'.")
+
+    subject_raw = f.mapping(f.get(top, "", "subject", dict, {"common_name": "{serial}"}), "subject",
+                            ("common_name", "organization", "organizational_unit", "country"))
+    subject: dict[str, str] = {}
+    for attr in ("common_name", "organization", "organizational_unit", "country"):
+        value = f.get(subject_raw, "subject", attr, str, None, check=lambda v, a=attr: _template_problem(
+            v, {"serial", "product", "organization"}, "serial" if a == "common_name" else None))
+        if value is not None:
+            subject[attr] = value
+    if "common_name" not in subject:
+        raise f.fail("subject.common_name", "is required.")
+    if "country" in subject and not re.match(r"^[A-Z]{2}$", subject["country"]):
+        raise f.fail("subject.country", "must be a two-letter ISO 3166 code such as DE.")
+
+    cert = f.mapping(f.get(top, "", "certificate", dict, {}), "certificate", ("validity_days",))
+    validity = f.get(cert, "certificate", "validity_days", int, 7300,
+                     check=lambda v: None if 1 <= v <= 36500 else "must be between 1 and 36500 days.")
+
+    nvs = f.mapping(f.get(top, "", "nvs", dict), "nvs", ("partition", "namespace", "keys"))
+    nvs_name_check = (lambda v: None if _NVS_KEY_RE.match(v) else f"'{v}' must be 1-15 letters, digits or '_' (an NVS limit).")
+    partition = f.get(nvs, "nvs", "partition", str, "fctry", check=nvs_name_check)
+    namespace = f.get(nvs, "nvs", "namespace", str, check=nvs_name_check)
+    keys_raw = f.mapping(f.get(nvs, "nvs", "keys", dict), "nvs.keys", NVS_STAMP_KEYS)
+    nvs_keys = {k: f.get(keys_raw, "nvs.keys", k, str, check=nvs_name_check)
+                for k in ("serial", "endpoint", "certificate")}
+    for optional in ("ca_certificate", "pop"):
+        if optional in keys_raw:
+            nvs_keys[optional] = f.get(keys_raw, "nvs.keys", optional, str, check=nvs_name_check)
+    if len(set(nvs_keys.values())) != len(nvs_keys):
+        raise f.fail("nvs.keys", "two stamp entries use the same NVS key.")
+
+    pop = f.mapping(f.get(top, "", "pop", dict, {}), "pop", ("bytes",))
+    pop_bytes = f.get(pop, "pop", "bytes", int, 16, check=lambda v: None if v == 0 or 8 <= v <= 64 else "must be 0 or 8-64.")
+    if pop_bytes and "pop" not in nvs_keys:
+        raise f.fail("nvs.keys.pop", "is required when pop.bytes is not 0.")
+
+    endpoint = f.mapping(f.get(top, "", "endpoint", dict), "endpoint", ("url", "registration"))
+    url = f.get(endpoint, "endpoint", "url", str, check=lambda v: None if re.match(
+        r"^mqtts://[A-Za-z0-9.-]{1,253}(:\d{1,5})?$", v) else f"'{v}' must look like mqtts://host:port.")
+    registration = f.get(endpoint, "endpoint", "registration", str, "jitr", check=_one_of(REGISTRATION))
+
+    fw = f.mapping(f.get(top, "", "firmware", dict), "firmware", ("manufacturing", "application"))
+    firmware: dict[str, FirmwareRule] = {}
+    for part in ("manufacturing", "application"):
+        rule = f.mapping(f.get(fw, "firmware", part, dict), f"firmware.{part}", ("min_version",))
+        text_version = f.get(rule, f"firmware.{part}", "min_version", str,
+                             check=lambda v: None if parse_version(v) else f"'{v}' is not a version like 1.2.3.")
+        firmware[part] = FirmwareRule(parse_version(text_version), text_version)  # type: ignore[arg-type]
+
+    return Recipe(product=name, organization=organization, chip=chip, device_key=device_key,
+                  serial_template=serial_template, serial_start=serial_start, subject=subject,
+                  validity_days=validity, nvs_partition=partition, nvs_namespace=namespace, nvs_keys=nvs_keys,
+                  pop_bytes=pop_bytes, endpoint=url, registration=registration, firmware=firmware,
+                  sha256=hashlib.sha256(text.encode()).hexdigest(), source=where)
