@@ -1,7 +1,7 @@
 """The device certificate profile, and the issuer that signs it through the Sub CA's token.
 
 Subject CN = the serial the station allocated, subject serialNumber = the chip id (its base
-MAC), subjectAltName URI ``urn:dev:mac:<chip id>`` (RFC 9039); a random 159-bit serial number;
+MAC, 12 lowercase hex digits); a random 159-bit serial number;
 keyUsage digitalSignature (critical; plus keyEncipherment for RSA keys); extendedKeyUsage
 clientAuth; basicConstraints CA:FALSE (critical); subject and authority key identifiers;
 validity from the recipe, never past the Sub CA's own.
@@ -66,7 +66,6 @@ class DeviceIssuer:
                 (x509.BasicConstraints(ca=False, path_length=None), True),
                 (usage, True),
                 (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-                (x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"urn:dev:mac:{chip_id}")]), False),
                 (x509.SubjectKeyIdentifier(px.key_identifier(accepted.public_key)), False),
                 (self._authority_key_id, False),
             ])

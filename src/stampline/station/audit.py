@@ -151,7 +151,8 @@ def _check_consistency(conn: sqlite3.Connection) -> list[str]:
     problems: list[str] = []
     live: dict[str, list[sqlite3.Row]] = defaultdict(list)
     certified: set[str] = set()
-    for cert in conn.execute("SELECT cert_serial, chip_id, device_serial, revoked_at FROM certificates ORDER BY cert_serial"):
+    for cert in conn.execute(
+            "SELECT cert_serial, chip_id, device_serial, revoked_at FROM certificates ORDER BY cert_serial"):
         certified.add(cert["chip_id"])
         if cert["revoked_at"] is None:
             live[cert["chip_id"]].append(cert)
@@ -172,7 +173,8 @@ def _check_consistency(conn: sqlite3.Connection) -> list[str]:
             problems.append(f"device {chip_id} is {state.value} but has no certificate.")
         for cert in live.get(chip_id, []):
             if state in PRE_ISSUANCE_STATES:
-                problems.append(f"device {chip_id} is {state.value} but holds the live certificate {cert['cert_serial']}.")
+                problems.append(f"device {chip_id} is {state.value} but holds the live certificate "
+                                f"{cert['cert_serial']}.")
             if cert["device_serial"] != device["serial"]:
                 problems.append(f"device {chip_id} has serial {device['serial']} but its live certificate "
                                 f"{cert['cert_serial']} names {cert['device_serial']}.")

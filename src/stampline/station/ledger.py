@@ -35,7 +35,8 @@ from stampline.station import ledger_schema as schema
 from stampline.station.ledger_schema import DeviceState
 from stampline.station.ledger_writer import GroupCommitWriter
 
-__all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Ledger", "LedgerView", "RefusalRecord", "StepRecord"]
+__all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Ledger", "LedgerView", "RefusalRecord",
+           "StepRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,8 @@ class Ledger(LedgerView):
 
     def close(self) -> None:
         """Commit what is queued, stop the writer and close every connection."""
-        self._writer.close()
         super().close()
+        self._writer.close()  # last, so that SQLite checkpoints and removes the WAL file
 
     def __enter__(self) -> Ledger:
         return self
@@ -309,8 +310,9 @@ class Ledger(LedgerView):
     def device_seen(self, chip_id: str, chip_model: str, mfg_fw_version: str, app_fw_version: str,
                     port: str, batch_id: int) -> DeviceRecord:
         """Record that a chip is on a port (new or back again); its record says where it stands."""
-        row = self._write(ops.device_seen, chip_id=_chip(chip_id), chip_model=chip_model, mfg_fw_version=mfg_fw_version,
-                           app_fw_version=app_fw_version, port=port, batch_id=batch_id)
+        row = self._write(ops.device_seen, chip_id=_chip(chip_id), chip_model=chip_model,
+                          mfg_fw_version=mfg_fw_version, app_fw_version=app_fw_version, port=port, batch_id=batch_id)
+        return DeviceRecord.from_row(row)
 
     def allocate_serial(self, chip_id: str, template_name: str, start: int = 1) -> int:
         """The chip's serial number under ``template_name``: the same one on every call for a chip.
@@ -367,11 +369,14 @@ class Ledger(LedgerView):
             spki = cert.public_key().public_bytes(serialization.Encoding.DER,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
             fields = {"cert_serial": format(cert.serial_number, "x"), "subject": cert.subject.rfc4514_string(),
-                      "not_before": cert.not_valid_before_utc.timestamp(), "not_after": cert.not_valid_after_utc.timestamp()}
+                      "not_before": cert.not_valid_before_utc.timestamp(),
+                      "not_after": cert.not_valid_after_utc.timestamp()}
         except (ValueError, TypeError):
-            raise StamplineError(f"the certificate for chip {chip_id} is not a readable DER X.509 certificate.") from None
+            raise StamplineError(f"the certificate for chip {chip_id} is not a readable DER X.509 "
+                                 "certificate.") from None
         if hashlib.sha256(spki).hexdigest() != digest:
-            raise StamplineError(f"the certificate for chip {chip_id} does not hold the public key it was recorded for.")
+            raise StamplineError(f"the certificate for chip {chip_id} does not hold the public key "
+                                 "it was recorded for.")
         if not device_serial:
             raise StamplineError("a certificate must name the device serial.")
         self._write(ops.record_issuance, chip_id=chip_id, batch_id=batch_id, device_serial=device_serial,

@@ -100,7 +100,8 @@ def set_state(conn: sqlite3.Connection, *, chip_id: str, state: DeviceState, det
     if state in CERTIFIED_STATES and live is None:
         raise StamplineError(f"chip {chip_id} holds no live certificate, so it cannot be {state.value}.")
     if state in PRE_ISSUANCE_STATES and live is not None:
-        raise StamplineError(f"chip {chip_id} holds the live certificate {live}, so it cannot go back to {state.value}.")
+        raise StamplineError(f"chip {chip_id} holds the live certificate {live}, "
+                             f"so it cannot go back to {state.value}.")
     now = time.time()
     provisioned_at = now if state is DeviceState.PROVISIONED else device["provisioned_at"]
     conn.execute("UPDATE devices SET state = ?, provisioned_at = ?, updated_at = ? WHERE chip_id = ?",
@@ -124,7 +125,8 @@ def record_issuance(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, de
     device = _require_device(conn, chip_id)
     live = _live_serial(conn, chip_id)
     if live is not None:
-        raise StamplineError(f"chip {chip_id} already holds the live certificate {live}; revoke it before issuing another.")
+        raise StamplineError(f"chip {chip_id} already holds the live certificate {live}; "
+                             "revoke it before issuing another.")
     holder = conn.execute("SELECT chip_id FROM certificates WHERE public_key_sha256 = ? AND chip_id <> ? LIMIT 1",
                           (public_key_sha256, chip_id)).fetchone()
     if holder is not None:

@@ -150,7 +150,8 @@ def check_schema(conn: sqlite3.Connection, path: Path) -> bool:
     if app_id != APPLICATION_ID:
         raise StamplineError(f"{path} is not a stampline ledger.")
     if version != SCHEMA_VERSION:
-        raise StamplineError(f"the ledger at {path} has schema version {version}, but this stampline reads version {SCHEMA_VERSION}.")
+        raise StamplineError(f"the ledger at {path} has schema version {version}, "
+                             f"but this stampline reads version {SCHEMA_VERSION}.")
     return True
 
 
