@@ -75,13 +75,14 @@ class Link:
         self.stale_frames = 0
 
     @classmethod
-    def open(cls, url: str, baudrate: int = 115200, *, tap: Tap | None = None) -> Link:
+    def open(cls, url: str, baudrate: int = 115200, *, tap: Tap | None = None,
+             keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> Link:
         """Open a port: a device path, a pty, ``socket://host:port``, ``loop://``."""
         try:
             port = serial.serial_for_url(url, baudrate=baudrate, timeout=POLL_INTERVAL)
         except (serial.SerialException, ValueError) as e:
             raise ProtocolError(f"Cannot open the serial port {url}: {e}.") from e
-        return cls(port, tap=tap)
+        return cls(port, tap=tap, keepalive_timeout=keepalive_timeout)
 
     def close(self) -> None:
         self._port.close()
@@ -140,23 +141,25 @@ class Link:
             if not data:
                 continue
             skipped = self._decoder.skipped
-            items = self._decoder.feed(data)
+            frames = []
+            for item in self._decoder.feed(data):
+                if isinstance(item, FrameError):
+                    raise ProtocolError(
+                        f"The device sent a corrupt frame ({item.reason}) while answering {name}."
+                    )
+                frames.append(item)
             if self._decoder.skipped != skipped:
                 raise ProtocolError(
                     f"The device sent {self._decoder.skipped - skipped} bytes that are not "
                     f"part of a frame while answering {name}."
                 )
-            for item in items:
-                if isinstance(item, FrameError):
-                    raise ProtocolError(
-                        f"The device sent a corrupt frame ({item.reason}) while answering {name}."
-                    )
-                if item.request_id != request_id:
+            for frame in frames:
+                if frame.request_id != request_id:
                     self.stale_frames += 1
-                elif item.type == MsgType.BUSY:
+                elif frame.type == MsgType.BUSY:
                     deadline = min(max(deadline, time.monotonic() + self.keepalive_timeout), hard)
                 else:
-                    return self._reply(msg, item)
+                    return self._reply(msg, frame)
 
     def _reply(self, msg: Request[R], frame: Frame) -> R:
         name = msg.TYPE.name
@@ -180,34 +183,34 @@ class Link:
             self.max_payload = min(MAX_PAYLOAD, reply.max_payload)
         return reply  # type: ignore[return-value]
 
-    def _request_retry(self, msg: Request[R]) -> R:
+    def _request_retry(self, msg: Request[R], timeout: float) -> R:
         """Send an idempotent request, once more if its request or reply was lost or damaged."""
         try:
-            return self.request(msg)
+            return self.request(msg, timeout=timeout)
         except LinkTimeout:
             pass
         except DeviceError as e:
             if e.code != ErrorCode.BAD_FRAME:
                 raise
-        return self.request(msg)
+        return self.request(msg, timeout=timeout)
 
     def write_object(self, target: Target, namespace: str, key: str, nvs_type: NvsType,
-                     data: bytes) -> None:
+                     data: bytes, *, timeout: float = 2.0) -> None:
         """Write one object: inline in WRITE_BEGIN if it fits, else BEGIN, CHUNKs and END."""
         validate_object(target, namespace, key, nvs_type, data)
         digest = hashlib.sha256(data).digest()
         begin = WriteBegin(Target(target), namespace, key, NvsType(nvs_type), len(data), digest)
         if len(begin.encode()) + 3 + len(data) <= self.max_payload:  # DATA inline: 3 + n bytes
             inline = dataclasses.replace(begin, data=data)
-            self._expect_offset(self._request_retry(inline), len(data))
+            self._expect_offset(self._request_retry(inline, timeout), len(data))
             return
-        self._expect_offset(self._request_retry(begin), 0)
+        self._expect_offset(self._request_retry(begin, timeout), 0)
         size = self.max_payload - CHUNK_OVERHEAD
         for offset in range(0, len(data), size):
             chunk = data[offset : offset + size]
-            reply = self._request_retry(WriteChunk(offset, chunk))
+            reply = self._request_retry(WriteChunk(offset, chunk), timeout)
             self._expect_offset(reply, offset + len(chunk))
-        self._request_retry(WriteEnd())
+        self._request_retry(WriteEnd(), timeout)
 
     @staticmethod
     def _expect_offset(reply: WriteReply, expected: int) -> None:
@@ -216,7 +219,8 @@ class Link:
                 f"The device expects offset {reply.next_offset} where {expected} was due."
             )
 
-    def read_object(self, target: Target, namespace: str = "", key: str = "") -> bytes:
+    def read_object(self, target: Target, namespace: str = "", key: str = "", *,
+                    timeout: float = 2.0) -> bytes:
         """Read one object in chunks and check it against the SHA-256 the device announced."""
         target = Target(target)
         limit = max_object_size(target)
@@ -224,7 +228,7 @@ class Link:
         data = bytearray()
         first: ReadReply | None = None
         while first is None or len(data) < first.total:
-            reply = self._request_retry(Read(target, namespace, key, len(data), max_len))
+            reply = self._request_retry(Read(target, namespace, key, len(data), max_len), timeout)
             if first is None:
                 if reply.total > limit:
                     raise ProtocolError(

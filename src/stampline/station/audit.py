@@ -27,6 +27,9 @@ from stampline.station.ledger_schema import (
 
 GENESIS = "0" * 64
 
+#: {table: {key: (seq, snapshot)}}: each row's latest snapshot in the audit trail.
+Expected = dict[str, dict[Any, tuple[int, dict[str, Any]]]]
+
 _LABELS = {
     "batches": "batch {}",
     "devices": "device {}",
@@ -96,10 +99,10 @@ def _check_triggers(conn: sqlite3.Connection) -> list[str]:
             if name not in present]
 
 
-def _walk_chain(conn: sqlite3.Connection) -> tuple[dict[str, dict[Any, tuple[int, dict]]], list[str]]:
-    """Check the chain and collect each row's latest snapshot as {table: {key: (seq, snapshot)}}."""
+def _walk_chain(conn: sqlite3.Connection) -> tuple[Expected, list[str]]:
+    """Check the chain and collect each row's latest snapshot."""
     problems: list[str] = []
-    expected: dict[str, dict[Any, tuple[int, dict]]] = {table: {} for table in TABLE_KEYS}
+    expected: Expected = {table: {} for table in TABLE_KEYS}
     prev, want = GENESIS, 1
     for seq, at, kind, chip_id, text, prev_hash, stored in conn.execute(
             "SELECT seq, at, kind, chip_id, payload, prev_hash, hash FROM audit ORDER BY seq"):
@@ -126,7 +129,7 @@ def _walk_chain(conn: sqlite3.Connection) -> tuple[dict[str, dict[Any, tuple[int
     return expected, problems
 
 
-def _compare_tables(conn: sqlite3.Connection, expected: dict[str, dict[Any, tuple[int, dict]]]) -> list[str]:
+def _compare_tables(conn: sqlite3.Connection, expected: Expected) -> list[str]:
     problems: list[str] = []
     for table, key in TABLE_KEYS.items():
         want = expected[table]

@@ -18,6 +18,7 @@ import sqlite3
 import ssl
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -154,8 +155,7 @@ class LedgerView:
             raise
 
     def _init_reads(self) -> None:
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: dict[threading.Thread, sqlite3.Connection] = {}
         self._readers_lock = threading.Lock()
         self._closed = False
 
@@ -166,8 +166,8 @@ class LedgerView:
     def close(self) -> None:
         with self._readers_lock:
             self._closed = True
-            readers, self._readers = self._readers, []
-        for conn in readers:
+            readers, self._readers = self._readers, {}
+        for conn in readers.values():
             conn.close()
 
     def __enter__(self) -> LedgerView:
@@ -177,15 +177,20 @@ class LedgerView:
         self.close()
 
     def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection; each statement sees the latest committed state."""
-        conn = getattr(self._local, "conn", None)
+        """This thread's read-only connection; each statement sees the latest committed state.
+
+        A connection lives as long as its thread: those of finished threads are closed here.
+        """
         if self._closed:
             raise StamplineError(f"the ledger at {self._path} is closed.")
+        me = threading.current_thread()
+        conn = self._readers.get(me)
         if conn is None:
             conn = schema.connect(self._path, readonly=True)
             with self._readers_lock:
-                self._readers.append(conn)
-            self._local.conn = conn
+                for thread in [t for t in self._readers if not t.is_alive()]:
+                    self._readers.pop(thread).close()
+                self._readers[me] = conn
         return conn
 
     def device(self, chip_id: str) -> DeviceRecord | None:
@@ -245,7 +250,7 @@ class LedgerView:
             for row in conn.execute(
                     "SELECT d.*, c.cert_serial, c.der FROM devices d LEFT JOIN certificates c"
                     " ON c.chip_id = d.chip_id AND c.revoked_at IS NULL"
-                    " ORDER BY d.serial IS NULL, d.serial, d.chip_id"):
+                    " ORDER BY d.serial IS NULL, d.serial_number, d.serial, d.chip_id"):
                 yield {
                     "serial": row["serial"],
                     "chip_id": row["chip_id"],
@@ -277,6 +282,7 @@ class Ledger(LedgerView):
             raise
         self._init_reads()
         self._writer = GroupCommitWriter(conn, max_group=max_group)
+        weakref.finalize(self, self._writer.close)  # a forgotten close() still commits what is queued, at exit
         self._background_errors: list[BaseException] = []
 
     @staticmethod
@@ -304,8 +310,8 @@ class Ledger(LedgerView):
 
     def open_batch(self, recipe_name: str, recipe_sha256: str, note: str = "") -> int:
         digest = _sha256_hex(recipe_sha256, "recipe hash")
-        return self._write(ops.open_batch, station_id=self.station_id, recipe_name=recipe_name,
-                           recipe_sha256=digest, note=note)
+        return int(self._write(ops.open_batch, station_id=self.station_id, recipe_name=recipe_name,
+                                   recipe_sha256=digest, note=note))
 
     def device_seen(self, chip_id: str, chip_model: str, mfg_fw_version: str, app_fw_version: str,
                     port: str, batch_id: int) -> DeviceRecord:
@@ -323,7 +329,7 @@ class Ledger(LedgerView):
             raise StamplineError("a serial number template needs a name.")
         if start < 0:
             raise StamplineError("serial numbers start at zero or above.")
-        return self._write(ops.allocate_serial, chip_id=_chip(chip_id), template=template_name, start=start)
+        return int(self._write(ops.allocate_serial, chip_id=_chip(chip_id), template=template_name, start=start))
 
     def set_device_serial(self, chip_id: str, serial: str) -> None:
         if not serial:

@@ -18,7 +18,7 @@ def _require_batch(conn: sqlite3.Connection, batch_id: int) -> None:
 
 
 def _require_device(conn: sqlite3.Connection, chip_id: str) -> sqlite3.Row:
-    row = conn.execute("SELECT * FROM devices WHERE chip_id = ?", (chip_id,)).fetchone()
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM devices WHERE chip_id = ?", (chip_id,)).fetchone()
     if row is None:
         raise StamplineError(f"chip {chip_id} has not been seen by this ledger.")
     return row

@@ -29,7 +29,8 @@ class DeviceState(str, Enum):
     REWORKED = "reworked"
 
 
-#: States that need a certificate: a chip cannot reach them without one being committed.
+#: States that need a certificate: a chip cannot reach them without one being committed
+#: (a state added later after `issued`, such as `secured`, belongs here).
 CERTIFIED_STATES = frozenset({DeviceState.ISSUED, DeviceState.WRITTEN, DeviceState.STAMPED, DeviceState.PROVISIONED})
 #: States before issuance: a chip holding a live certificate cannot be in them.
 PRE_ISSUANCE_STATES = frozenset({DeviceState.SEEN, DeviceState.SERIAL_ALLOCATED, DeviceState.KEY_GENERATED})

@@ -1,0 +1,277 @@
+"""The per-device flow of the Manufacturing Utility: identify, check firmware, allocate the
+serial, have the device make its key and CSR, apply the policy, sign through the token,
+commit to the ledger, write and read back the certificate, write the NVS stamp, finish.
+
+Every step is timed and journaled. The certificate is durable in the ledger before a byte of
+it goes to the device, so a crash at any point resumes without a second certificate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from stampline.errors import StamplineError
+from stampline.pki.policy import CsrRefused, check_csr, csr_subject
+from stampline.pki.profile import DeviceIssuer, DeviceProfile
+from stampline.protocol import messages as m
+from stampline.protocol.link import Link
+from stampline.recipe import Recipe, parse_version
+from stampline.station.ledger import DeviceState, Ledger
+
+KEY_TYPES = {"ec-p256": m.KeyType.EC_P256, "rsa-2048": m.KeyType.RSA_2048, "rsa-3072": m.KeyType.RSA_3072}
+# Longest a key generation may take, keep-alives included (the device sends BUSY meanwhile).
+KEYGEN_HARD_TIMEOUT = {"ec-p256": 10.0, "rsa-2048": 60.0, "rsa-3072": 240.0}
+
+
+class DeviceFailed(StamplineError):
+    """This device cannot go on; ``step`` is where it stopped."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class StationContext:
+    """What every flow on the line shares: recipe, issuer, ledger, the open batch."""
+
+    recipe: Recipe
+    issuer: DeviceIssuer
+    ledger: Ledger
+    batch_id: int
+    rework: bool = False
+    time_scale_note: str = ""
+
+    @property
+    def sub_ca_der(self) -> bytes:
+        return self.issuer.ca_cert.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class DeviceResult:
+    port: str
+    chip_id: str = ""
+    serial: str = ""
+    outcome: str = "failed"  # provisioned | already-provisioned | failed
+    step: str = ""
+    reason: str = ""
+    steps: dict[str, float] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    elapsed: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"port": self.port, "chip_id": self.chip_id, "serial": self.serial, "outcome": self.outcome,
+                "step": self.step, "reason": self.reason, "elapsed_s": round(self.elapsed, 4),
+                "steps": {k: round(v, 4) for k, v in self.steps.items()}}
+
+
+Progress = Callable[[str, str, str, str], None]  # (port, chip_id, serial, step)
+
+
+class Flow:
+    """Provision the device on one link."""
+
+    def __init__(self, context: StationContext, link: Link, port: str, progress: Progress | None = None) -> None:
+        self.ctx = context
+        self.recipe = context.recipe
+        self.link = link
+        self.result = DeviceResult(port)
+        self._progress = progress or (lambda *_: None)
+
+    # -- step machinery ---------------------------------------------------------------------
+
+    def _step(self, name: str, action: Callable[[], object]) -> object:
+        r = self.result
+        r.step = name
+        self._progress(r.port, r.chip_id, r.serial, name)
+        started = time.time()
+        begin = time.perf_counter()
+        outcome, detail = "ok", ""
+        try:
+            return action()
+        except CsrRefused as refused:
+            outcome, detail = "failed", str(refused)
+            self.ctx.ledger.record_refusal(r.chip_id, self.ctx.batch_id, r.serial or None, name, str(refused),
+                                           getattr(self, "_csr", None))
+            raise DeviceFailed(name, f"the CSR was refused: {refused}") from None
+        except StamplineError as exc:
+            outcome, detail = "failed", str(exc)
+            raise DeviceFailed(name, str(exc)) from None
+        finally:
+            duration = time.perf_counter() - begin
+            r.steps[name] = r.steps.get(name, 0.0) + duration
+            if r.chip_id:
+                self.ctx.ledger.record_step(r.chip_id, self.ctx.batch_id, name, started, duration, outcome, detail)
+
+    def run(self) -> DeviceResult:
+        r = self.result
+        begin = time.perf_counter()
+        try:
+            self._run()
+        except DeviceFailed as failed:
+            r.outcome, r.step, r.reason = "failed", failed.step, str(failed)
+            if r.chip_id:
+                self.ctx.ledger.set_state(r.chip_id, DeviceState.FAILED, f"{failed.step}: {failed}")
+        finally:
+            r.elapsed = time.perf_counter() - begin
+            self._progress(r.port, r.chip_id, r.serial, r.outcome)
+        return r
+
+    # -- the flow ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ledger, recipe, r = self.ctx.ledger, self.recipe, self.result
+        hello = self._step("identify", self._identify)
+        assert isinstance(hello, m.HelloReply)
+        self._step("check_firmware", lambda: self._check_firmware(hello))
+
+        live = ledger.live_certificate(r.chip_id)
+        record = self._previous
+        if live is not None and not self.ctx.rework:
+            if record is not None and record.state == DeviceState.PROVISIONED.value \
+                    and hello.state & m.StateFlag.STAMP_DONE:
+                r.serial = record.serial or ""
+                r.outcome, r.step = "already-provisioned", "done"
+                ledger.record_step(r.chip_id, self.ctx.batch_id, "recognise", time.time(), 0.0, "skipped",
+                                   "already provisioned by this station; not issued again")
+                return
+            cert_der = self._resume_with(live.der, record.serial if record else None)
+        else:
+            if live is not None:
+                self._step("revoke_previous", lambda: ledger.revoke(live.cert_serial, "rework"))
+                self._step("erase_stamp", lambda: self.link.request(m.Erase(), timeout=5.0))
+            serial = self._step("allocate_serial", self._allocate_serial)
+            assert isinstance(serial, str)
+            resume_key = (record is not None and record.state == DeviceState.KEY_GENERATED.value
+                          and bool(hello.state & m.StateFlag.KEY_PRESENT) and live is None)
+            if not resume_key:
+                self._step("keygen", self._keygen)
+            csr = self._step("csr", self._get_csr)
+            assert isinstance(csr, bytes)
+            accepted = self._step("policy", lambda: check_csr(csr, self._profile(), self._csr_subject(),
+                                                               lambda digest: ledger.public_key_issued(digest)))
+            cert_der = self._step("sign", lambda: self.ctx.issuer.issue(accepted, self._profile(), r.chip_id))  # type: ignore[arg-type]
+            assert isinstance(cert_der, bytes)
+            self._step("commit", lambda: ledger.record_issuance(
+                r.chip_id, self.ctx.batch_id, r.serial, cert_der, accepted.public_key_sha256))  # type: ignore[union-attr]
+        self._write_certificate(cert_der)
+        self._step("write_stamp", self._write_stamp)
+        self._step("finish", self._finish)
+        r.outcome, r.step = "provisioned", "done"
+
+    def _identify(self) -> m.HelloReply:
+        hello = self.link.request(m.Hello(), timeout=3.0)
+        r = self.result
+        r.chip_id = hello.chip_id.hex()
+        self._progress(r.port, r.chip_id, r.serial, "identify")
+        if hello.chip_model != self.recipe.chip:
+            raise StamplineError(f"the device is an {_shown(hello.chip_model)}, but the recipe is for {self.recipe.chip}.")
+        self._previous = self.ctx.ledger.device(r.chip_id)  # as the last run left it
+        self.ctx.ledger.device_seen(r.chip_id, hello.chip_model, hello.mfg_fw_version, hello.app_fw_version,
+                                    r.port, self.ctx.batch_id)
+        return hello
+
+    def _check_firmware(self, hello: m.HelloReply) -> None:
+        for part, reported in (("manufacturing", hello.mfg_fw_version), ("application", hello.app_fw_version)):
+            rule = self.recipe.firmware[part]
+            version = parse_version(reported)
+            if version is None:
+                raise StamplineError(f"the device reports an unreadable {part} firmware version '{_shown(reported)}'.")
+            if version < rule.min_version:
+                raise StamplineError(f"the device's {part} firmware {_shown(reported)} is below the "
+                                     f"recipe's minimum {rule.min_version_text}.")
+
+    def _allocate_serial(self) -> str:
+        r = self.result
+        number = self.ctx.ledger.allocate_serial(r.chip_id, self.recipe.product, self.recipe.serial_start)
+        r.serial = self.recipe.serial(number)
+        self.ctx.ledger.set_device_serial(r.chip_id, r.serial)
+        return r.serial
+
+    def _keygen(self) -> None:
+        key_type = self.recipe.device_key
+        self.link.request(m.Keygen(KEY_TYPES[key_type]), timeout=3.0, hard_timeout=KEYGEN_HARD_TIMEOUT[key_type])
+        self.ctx.ledger.set_state(self.result.chip_id, DeviceState.KEY_GENERATED)
+
+    def _profile(self) -> DeviceProfile:
+        return DeviceProfile(self.recipe.device_key, self.recipe.validity_days,
+                             self.recipe.subject_attributes(self.result.serial))
+
+    def _csr_subject(self) -> x509.Name:
+        attrs = self.recipe.subject_attributes(self.result.serial)
+        return csr_subject(attrs["common_name"], attrs.get("organization"), self.result.chip_id)
+
+    def _get_csr(self) -> bytes:
+        attrs = self.recipe.subject_attributes(self.result.serial)
+        built = self.link.request(m.CsrBuild(subject_cn=attrs["common_name"], subject_o=attrs.get("organization"),
+                                             subject_serial=self.result.chip_id), timeout=5.0, hard_timeout=30.0)
+        csr = self.link.read_object(m.Target.CSR)
+        if len(csr) != built.length or hashlib.sha256(csr).digest() != built.sha256:
+            raise StamplineError("the CSR read from the device is not the one it announced.")
+        self._csr = csr
+        return csr
+
+    def _resume_with(self, cert_der: bytes, serial: str | None) -> bytes:
+        """The ledger already holds this chip's certificate: write that one, never a second."""
+        r = self.result
+        r.serial = serial or ""
+
+        def check_key() -> None:
+            attrs = self.recipe.subject_attributes(r.serial)
+            self.link.request(m.CsrBuild(subject_cn=attrs["common_name"], subject_o=attrs.get("organization"),
+                                         subject_serial=r.chip_id), timeout=5.0, hard_timeout=30.0)
+            csr = x509.load_der_x509_csr(self.link.read_object(m.Target.CSR))
+            cert = x509.load_der_x509_certificate(cert_der)
+            spki = serialization.PublicFormat.SubjectPublicKeyInfo
+            if csr.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+                    cert.public_key().public_bytes(serialization.Encoding.DER, spki):
+                raise StamplineError("the device no longer holds the key of the certificate the ledger issued to it; "
+                                     "provision it again with --rework.")
+        self._step("resume", check_key)
+        return cert_der
+
+    def _write_certificate(self, cert_der: bytes) -> None:
+        ns, key = self.recipe.nvs_namespace, self.recipe.nvs_keys["certificate"]
+        self._step("write_cert", lambda: self.link.write_object(m.Target.CERT, ns, key, m.NvsType.BLOB, cert_der))
+
+        def read_back() -> None:
+            if self.link.read_object(m.Target.CERT, ns, key) != cert_der:
+                raise StamplineError("the certificate read back from the device differs from the one written.")
+            self.ctx.ledger.set_state(self.result.chip_id, DeviceState.WRITTEN)
+        self._step("verify_cert", read_back)
+
+    def _write_stamp(self) -> None:
+        recipe, ns = self.recipe, self.recipe.nvs_namespace
+        entries: list[tuple[str, m.NvsType, bytes]] = [
+            (recipe.nvs_keys["serial"], m.NvsType.STRING, self.result.serial.encode()),
+            (recipe.nvs_keys["endpoint"], m.NvsType.STRING, recipe.endpoint.encode()),
+        ]
+        if "ca_certificate" in recipe.nvs_keys:
+            entries.append((recipe.nvs_keys["ca_certificate"], m.NvsType.BLOB, self.ctx.sub_ca_der))
+        pop_digest = ""
+        if recipe.pop_bytes:
+            pop = base64.b32encode(secrets.token_bytes(recipe.pop_bytes)).decode().rstrip("=")
+            pop_digest = hashlib.sha256(pop.encode()).hexdigest()
+            entries.append((recipe.nvs_keys["pop"], m.NvsType.STRING, pop.encode()))
+            del pop
+        for key, nvs_type, data in entries:
+            self.link.write_object(m.Target.NVS, ns, key, nvs_type, data)
+        self.ctx.ledger.set_state(self.result.chip_id, DeviceState.STAMPED,
+                                  f"pop_sha256={pop_digest}" if pop_digest else "")
+
+    def _finish(self) -> None:
+        self.link.request(m.Finish(), timeout=3.0)
+        self.ctx.ledger.set_state(self.result.chip_id, DeviceState.PROVISIONED)
+
+
+def _shown(text: str) -> str:
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= 40 else clean[:37] + "..."
