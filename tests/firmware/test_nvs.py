@@ -150,7 +150,8 @@ def test_page_boundaries_match_the_generator(tmp_path, name):
     ours = _image(content, 0x4000).to_bytes()
     assert ours == _generated(tmp_path, content, 0x4000)
     at = page * PAGE + 64 + 32 * entry
-    assert ours[at + 1] == last_type and ours[at + 8:at + 24].rstrip(b"\0").decode() == list(content)[-1][1]
+    last_key = list(content)[-1][1]
+    assert ours[at + 1] == last_type and ours[at + 8:at + 24].rstrip(b"\0").decode() == last_key
     if name == "zero-length chunk":
         assert [struct.unpack_from("<H", e, 24)[0] for e in _entries(ours, 0x42)] == [0, 100]
     assert NvsImage.parse(ours).items() == content

@@ -360,3 +360,62 @@ def test_socket_url(device: FakeDevice) -> None:
 def test_open_failure_is_a_sentence() -> None:
     with pytest.raises(ProtocolError, match="Cannot open the serial port"):
         Link.open("/nonexistent/tty")
+
+
+# DeviceServer on its own, fed bytes directly.
+
+
+def server_replies(handler, data: bytes) -> list[Frame]:
+    written: list[bytes] = []
+    DeviceServer(handler, lambda n: b"", written.append).feed(data)
+    frames = FrameDecoder().feed(b"".join(written))
+    assert all(isinstance(f, Frame) for f in frames)
+    return frames
+
+
+def error_code(frame: Frame) -> ErrorCode:
+    from stampline.protocol.messages import ErrorReply
+
+    assert frame.type == MsgType.ERROR
+    return ErrorReply.decode(frame.payload).code
+
+
+def test_server_answers_every_kind_of_bad_input(device: FakeDevice) -> None:
+    bad_crc = bytearray(encode_frame(Frame(MsgType.STATUS, 5, b"")))
+    bad_crc[-1] ^= 0xFF
+    v2 = bytearray(encode_frame(Frame(MsgType.STATUS, 6, b"")))
+    v2[2] = 2
+    inputs = [
+        bytes(bad_crc),
+        bytes(v2),
+        encode_frame(Frame(MsgType.STATUS, 0, b"")),
+        encode_frame(Frame(0x20, 7, b"")),  # reserved for flashing
+        encode_frame(Frame(MsgType.HELLO_REPLY, 8, b"")),
+        encode_frame(Frame(MsgType.READ, 9, b"\x0f\x01\x00")),  # truncated field
+        encode_frame(Frame(MsgType.HELLO, 10, b"\x01\x01\x00\x00")),  # PROTO 0
+        encode_frame(Frame(MsgType.STATUS, 11, b"")),
+    ]
+    replies = server_replies(device, b"noise" + b"".join(inputs))
+    assert [(f.request_id, error_code(f) if f.type == MsgType.ERROR else f.type) for f in replies] == [
+        (5, ErrorCode.BAD_FRAME),
+        (6, ErrorCode.UNSUPPORTED_VERSION),
+        (0, ErrorCode.BAD_FRAME),
+        (7, ErrorCode.UNKNOWN_TYPE),
+        (8, ErrorCode.UNKNOWN_TYPE),
+        (9, ErrorCode.BAD_PAYLOAD),
+        (10, ErrorCode.UNSUPPORTED_VERSION),
+        (11, MsgType.STATUS_REPLY),
+    ]
+
+
+def test_server_survives_handler_bugs() -> None:
+    def handler(request):
+        if isinstance(request, Hello):
+            raise KeyError("bug")
+        return Ack()  # the wrong reply class for STATUS
+
+    frames = [Frame(MsgType.HELLO, 1, Hello().encode()), Frame(MsgType.STATUS, 2, b""),
+              Frame(MsgType.FINISH, 3, b"")]
+    replies = server_replies(handler, b"".join(encode_frame(f) for f in frames))
+    assert [error_code(f) for f in replies[:2]] == [ErrorCode.INTERNAL, ErrorCode.INTERNAL]
+    assert replies[2] == Frame(MsgType.FINISH_REPLY, 3, b"")

@@ -158,8 +158,8 @@ def build_app_image(chip: str, project: str, version: str, secure_version: int =
     """A valid ESP-IDF app image whose code and data are filler derived from (project, version, seed).
 
     Segments: DROM (app descriptor + data) at the start of the data bus, IROM on the next free
-    MMU page at the address matching its file offset (as the bootloader requires), then DRAM
-    and IRAM; the entry point is the start of IRAM.
+    MMU page at the address matching its file offset (as the bootloader requires), then the
+    DRAM and IRAM segments in address order; the entry point is the start of IRAM.
     """
     layout = _layout(chip)
     fields = (_c_string(version, 32, "version"), _c_string(project, 32, "project name"),
@@ -185,8 +185,10 @@ def build_app_image(chip: str, project: str, version: str, secure_version: int =
     drom_pages = -(-(drom_addr - layout.drom + len(drom_data)) // MMU_PAGE_SIZE)
     irom_addr = layout.irom + drom_pages * MMU_PAGE_SIZE + irom_offset % MMU_PAGE_SIZE
     segments = [(drom_addr, drom_data)]
-    segments += [(addr, data) for addr, data in ((irom_addr, irom_data), (layout.app_dram, dram_data),
-                                                 (layout.app_iram, iram_data)) if data]
+    if irom_data:
+        segments.append((irom_addr, irom_data))
+    # RAM segments in address order, as esptool writes them.
+    segments += sorted(s for s in ((layout.app_dram, dram_data), (layout.app_iram, iram_data)) if s[1])
     return _assemble(chip, layout, layout.app_iram, segments)
 
 
@@ -481,7 +483,7 @@ def _version_key(text: str) -> tuple[tuple[int, ...], tuple[int], tuple[tuple[in
     core += (0,) * (4 - len(core))
     pre = match[2]
     if pre is None:
-        return core, (1,), ()  # a release sorts after all its pre-releases
+        return core, (0,), ()  # a release sorts after all its pre-releases
     if "" in pre.split("."):
         raise StamplineError(f"{text!r} has an empty pre-release identifier.")
     # Numeric identifiers compare as numbers and before alphanumeric ones.

@@ -15,12 +15,17 @@ Every CRC32 is ESP-IDF's ``esp_rom_crc32_le(0xFFFFFFFF, ...)``, which is
 register 0 instead of ``0xFFFFFFFF``, so it is *not* ``zlib.crc32(data)``.
 
 `NvsImage.to_bytes` lays entries out exactly as Espressif's ``esp_idf_nvs_partition_gen``
-does for a CSV listing the same keys in the same order (a namespace row before each change of
-namespace), so the images are byte-identical. The only deliberate differences are where the
-generator fails: it crashes on a string of 3969..4000 bytes (it insists on one spare entry
-even on an empty page), which we store on a page of its own as the firmware would; and its
-CSV front end adds hidden Wi-Fi entries for the keys ``sta.ssid``, ``sta.pswd`` and ``ap.*``,
-which we never do.
+(0.3) does for a CSV listing the same keys in the same order with a namespace row before each
+change of namespace: same page states (earlier pages FULL, the last used one ACTIVE, the rest
+blank, the last page kept free), same split of blobs into chunks, byte-identical images, plain
+or encrypted. We differ only where the generator is wrong:
+
+* it crashes on a string of 3969..4000 bytes (it wants one spare entry even on an empty
+  page); we give such a string a page of its own, which the firmware accepts;
+* when a CSV returns to an earlier namespace, it files the following keys under the most
+  recently *created* namespace; we file them under the right one;
+* its CSV front end silently adds Wi-Fi entries (``sta.apinfo``, ``sta.pmk``, ``ap.pmk_info``
+  ...) when it meets the keys ``sta.ssid``, ``sta.pswd`` or ``ap.*``; we never add anything.
 
 NVS encryption (XTS-AES-256, key = eky || tky from the ``nvs_keys`` partition) encrypts each
 written 32-byte entry on its own with the tweak set to the entry's byte offset in the
@@ -90,7 +95,8 @@ def _entry_crc(entry: bytes) -> int:
 
 
 def _make_entry(ns: int, type_: int, span: int, chunk: int, key: str, data: bytes) -> bytes:
-    entry = bytearray(struct.pack("<BBBBI16s8s", ns, type_, span, chunk, 0, key.encode("ascii"), data))
+    entry = bytearray(struct.pack("<BBBBI16s8s", ns, type_, span, chunk, 0,
+                                  key.encode("ascii"), data))
     struct.pack_into("<I", entry, 4, _entry_crc(entry))
     return bytes(entry)
 
@@ -131,24 +137,27 @@ def _check_name(name: str, what: str) -> None:
 def _normalise(key: str, value: object, kind: str | None) -> tuple[str, Value]:
     """Check `value` against `kind` (inferred for str and bytes) and return both."""
     if isinstance(value, bool):
-        raise StamplineError(f"NVS key '{key}': booleans are not stored; use 0 or 1 with kind 'u8'.")
+        raise StamplineError(
+            f"NVS key '{key}': booleans are not stored; use 0 or 1 with kind 'u8'.")
     if kind is None:
         if isinstance(value, str):
             kind = "string"
         elif isinstance(value, (bytes, bytearray, memoryview)):
             kind = "blob"
         elif isinstance(value, int):
-            raise StamplineError(
-                f"NVS key '{key}' holds an integer, which needs an explicit kind such as 'u8' or 'i32'.")
+            raise StamplineError(f"NVS key '{key}' holds an integer, which needs an explicit "
+                                 "kind such as 'u8' or 'i32'.")
         else:
-            raise StamplineError(f"NVS key '{key}' has a value of unsupported type {type(value).__name__}.")
+            raise StamplineError(
+                f"NVS key '{key}' has a value of unsupported type {type(value).__name__}.")
     if kind in _PRIMITIVES:
         if not isinstance(value, int):
             raise StamplineError(f"NVS key '{key}' of kind '{kind}' needs an integer value.")
         try:
             struct.pack(_PRIMITIVES[kind][1], value)
         except struct.error:
-            raise StamplineError(f"NVS key '{key}': {value} does not fit in kind '{kind}'.") from None
+            raise StamplineError(
+                f"NVS key '{key}': {value} does not fit in kind '{kind}'.") from None
         return kind, value
     if kind == "string":
         if not isinstance(value, str):
@@ -253,7 +262,8 @@ class NvsImage:
         _check_name(namespace, "namespace")
         _check_name(key, "key")
         entry = _normalise(key, value, kind)
-        if namespace not in self.namespaces() and len(self.namespaces()) >= MAX_NAMESPACES:
+        namespaces = self.namespaces()
+        if namespace not in namespaces and len(namespaces) >= MAX_NAMESPACES:
             raise StamplineError(f"an NVS partition holds at most {MAX_NAMESPACES} namespaces.")
         previous = self._items.get((namespace, key))
         self._items[(namespace, key)] = entry
@@ -336,7 +346,11 @@ class NvsImage:
 
     @classmethod
     def parse(cls, data: bytes, encryption_keys: bytes | None = None) -> NvsImage:
-        """Read an image written by the generator, the firmware or `to_bytes`; corruption is refused."""
+        """Read an image written by the generator, the firmware or `to_bytes`.
+
+        Pages are read in sequence-number order (a later write of a key wins), blank pages and
+        erased entries are skipped, and any bad CRC or inconsistent entry is refused.
+        """
         image = cls(len(data))
         keys = _check_keys(encryption_keys) if encryption_keys is not None else None
         pages: dict[int, int] = {}  # sequence number -> page position

@@ -21,7 +21,8 @@ PARTITION_TABLE_OFFSET = 0x8000
 PARTITION_TABLE_SIZE = 0x1000
 TABLE_LENGTH = 0xC00
 ENTRY_SIZE = 32
-MAX_ENTRIES = TABLE_LENGTH // ENTRY_SIZE - 2  # gen_esp32part refuses a table (MD5 included) of 0xC00 bytes
+# gen_esp32part.py refuses a table that, MD5 entry included, reaches 0xC00 bytes.
+MAX_ENTRIES = TABLE_LENGTH // ENTRY_SIZE - 2
 
 _ENTRY = struct.Struct("<2sBBLL16sL")
 _MAGIC = b"\xaa\x50"

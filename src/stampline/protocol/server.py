@@ -23,12 +23,14 @@ from stampline.protocol.messages import (
     BadPayload,
     ErrorCode,
     ErrorReply,
+    Hello,
     Message,
     MsgType,
     Request,
     sanitize,
 )
 from stampline.protocol.wire import (
+    VERSION,
     Frame,
     FrameDecoder,
     FrameError,
@@ -137,6 +139,11 @@ class DeviceServer:
             request = request_cls.decode(frame.payload)
         except BadPayload as e:
             self._send_error(frame.request_id, e.code, e.reason)
+            return
+        if isinstance(request, Hello) and request.proto < VERSION:
+            # PROTO is the newest version the station speaks; this device speaks VERSION.
+            self._send_error(frame.request_id, ErrorCode.UNSUPPORTED_VERSION,
+                             f"station speaks {request.proto}, device {VERSION}")
             return
         try:
             reply = self._run(request, frame.request_id)

@@ -172,11 +172,11 @@ class Flow:
         r = self.result
         r.chip_id = hello.chip_id.hex()
         self._progress(r.port, r.chip_id, r.serial, "identify")
-        if hello.chip_model != self.recipe.chip:
-            raise StamplineError(f"the device is an {_shown(hello.chip_model)}, but the recipe is for {self.recipe.chip}.")
         self._previous = self.ctx.ledger.device(r.chip_id)  # as the last run left it
         self.ctx.ledger.device_seen(r.chip_id, hello.chip_model, hello.mfg_fw_version, hello.app_fw_version,
                                     r.port, self.ctx.batch_id)
+        if hello.chip_model != self.recipe.chip:
+            raise StamplineError(f"the device is an {_shown(hello.chip_model)}, but the recipe is for {self.recipe.chip}.")
         return hello
 
     def _check_firmware(self, hello: m.HelloReply) -> None:
