@@ -106,10 +106,12 @@ def test_esptool_image_info_accepts_bootloader(tmp_path: Path) -> None:
     assert "Application Information" not in out
 
 
-@pytest.mark.parametrize("chip", ["esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6"])
-def test_images_are_what_esptool_itself_writes(chip: str) -> None:
+@pytest.mark.parametrize(("chip", "payload"), [("esp32", SMALL), ("esp32s2", SMALL), ("esp32c3", SMALL),
+                                               ("esp32s3", SMALL), ("esp32c6", SMALL),
+                                               ("esp32", 4 * (0x10000 - 0x120))])  # DROM ends on a page
+def test_images_are_what_esptool_itself_writes(chip: str, payload: int) -> None:
     """esptool re-saving the segments it reads gives the same bytes, padded or not."""
-    app = build_app_image(chip, "p", "1.0.0", payload_size=SMALL)
+    app = build_app_image(chip, "p", "1.0.0", payload_size=payload)
     assert _esptool_resave(chip, app) == app
     assert _esptool_resave(chip, app, secure_pad="2") == pad_for_secure_boot_v2(app)
     bootloader = build_bootloader_image(chip)
@@ -190,6 +192,18 @@ def test_wrong_chip_and_bad_header_fields() -> None:
         parse_image(data[:12] + b"\x63\x00" + data[14:])
 
 
+def test_app_segment_without_descriptor_is_refused() -> None:
+    """A resealed image (valid checksum and hash, by esptool) whose DROM lost its descriptor magic."""
+    loaded = LoadFirmwareImage("esp32c3", build_app_image("esp32c3", "p", "1.0.0", payload_size=SMALL))
+    loaded.segments[0].data = bytes(4) + loaded.segments[0].data[4:]
+    for segment in loaded.segments:
+        segment.name = ""
+    data = loaded.save(None)
+    with pytest.raises(StamplineError, match="app descriptor"):
+        parse_image(data)
+    assert read_app_descriptor(data) is None
+
+
 def test_flash_segment_must_match_its_page_offset() -> None:
     """The ESP-IDF bootloader refuses a flash-mapped segment whose address and offset disagree."""
     data = bytearray(build_app_image("esp32c3", "p", "1.0.0", payload_size=SMALL))
@@ -265,12 +279,23 @@ def test_secure_pad_sign_and_verify_with_espsecure(tmp_path: Path, rsa_key: tupl
     assert result.returncode != 0
 
 
-def test_bootloader_is_padded_to_a_sector_only() -> None:
+def test_bootloader_is_padded_to_a_sector_only(tmp_path: Path, rsa_key: tuple[Path, Path]) -> None:
+    """ESP-IDF does not secure-pad bootloaders; their signature sector follows at the next 4 KB."""
     image = build_bootloader_image("esp32c3")
     padded = pad_for_secure_boot_v2(image)
     assert padded.startswith(image) and set(padded[len(image):]) == {0xFF}
     assert len(padded) % SECTOR_SIZE == 0 and len(padded) - len(image) < SECTOR_SIZE
     assert parse_image(padded).signature_blocks == 0
+
+    unsigned, signed = tmp_path / "bootloader.bin", tmp_path / "bootloader-signed.bin"
+    unsigned.write_bytes(image)  # espsecure pads it to the sector itself
+    result = _run(_tool("espsecure"), "sign-data", "--version", "2", "--keyfile", str(rsa_key[0]),
+                  "--output", str(signed), str(unsigned))
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = signed.read_bytes()
+    assert data[: len(padded)] == padded
+    info = parse_image(data)
+    assert (info.signature_blocks, info.image_length, info.bootloader) == (1, len(image), parse_image(image).bootloader)
 
 
 def test_signature_blocks_counted_by_magic() -> None:

@@ -18,6 +18,7 @@ from stampline.protocol.messages import (
     BadPayload,
     DeviceError,
     ErrorCode,
+    ErrorReply,
     Hello,
     HelloReply,
     Keygen,
@@ -374,8 +375,6 @@ def server_replies(handler, data: bytes) -> list[Frame]:
 
 
 def error_code(frame: Frame) -> ErrorCode:
-    from stampline.protocol.messages import ErrorReply
-
     assert frame.type == MsgType.ERROR
     return ErrorReply.decode(frame.payload).code
 
@@ -396,7 +395,9 @@ def test_server_answers_every_kind_of_bad_input(device: FakeDevice) -> None:
         encode_frame(Frame(MsgType.STATUS, 11, b"")),
     ]
     replies = server_replies(device, b"noise" + b"".join(inputs))
-    assert [(f.request_id, error_code(f) if f.type == MsgType.ERROR else f.type) for f in replies] == [
+    answers = [(f.request_id, error_code(f) if f.type == MsgType.ERROR else f.type)
+               for f in replies]
+    assert answers == [
         (5, ErrorCode.BAD_FRAME),
         (6, ErrorCode.UNSUPPORTED_VERSION),
         (0, ErrorCode.BAD_FRAME),

@@ -8,6 +8,7 @@ from stampline.protocol.messages import (
     CsrBuild,
     CsrBuildReply,
     DeviceError,
+    Erase,
     ErrorCode,
     ErrorReply,
     Finish,
@@ -60,6 +61,7 @@ MESSAGES = [
     Status(),
     StatusReply(StateFlag.SECURED, ErrorCode.LOCKED),
     Finish(),
+    Erase(),
     Ack(),
     ErrorReply(ErrorCode.KEY_MISMATCH, "certificate key differs"),
     ErrorReply(ErrorCode.INTERNAL),
@@ -76,6 +78,7 @@ def test_registry_pairs_every_request_with_its_reply() -> None:
     assert REGISTRY[MsgType.HELLO] == (Hello, HelloReply)
     assert REGISTRY[MsgType.WRITE_CHUNK] == (WriteChunk, WriteReply)
     assert REGISTRY[MsgType.FINISH] == (Finish, Ack)
+    assert REGISTRY[MsgType.ERASE] == (Erase, Ack)
     for mtype, (request, _) in REGISTRY.items():
         assert request.TYPE == mtype and 0x01 <= mtype <= 0x3F
         assert request.reply_type() == mtype | 0x80

@@ -138,6 +138,8 @@ class BootloaderDescriptor:
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """What `parse_image` found; `bootloader` is set for a bootloader image with a descriptor."""
+
     chip: str
     entry: int
     segments: list[tuple[int, int]]  # (load address, length)
@@ -178,12 +180,13 @@ def build_app_image(chip: str, project: str, version: str, secure_version: int =
     desc = _APP_DESC.pack(APP_DESC_MAGIC, secure_version, fields[0], fields[1], _BUILD_TIME.encode(),
                           _BUILD_DATE.encode(), fields[2], elf_sha256, 0, layout.max_efuse_blk_rev_full,
                           MMU_PAGE_SIZE.bit_length() - 1)
-    drom_data = desc + drom_filler
     drom_addr = layout.drom + _HEADER_SIZE + _SEGMENT_HEADER.size
+    drom_data = _esp32_map_fix(chip, drom_addr, desc + drom_filler)
     # IROM data starts after DROM and its own segment header; give it the next unused page.
     irom_offset = _HEADER_SIZE + 2 * _SEGMENT_HEADER.size + len(drom_data)
     drom_pages = -(-(drom_addr - layout.drom + len(drom_data)) // MMU_PAGE_SIZE)
     irom_addr = layout.irom + drom_pages * MMU_PAGE_SIZE + irom_offset % MMU_PAGE_SIZE
+    irom_data = _esp32_map_fix(chip, irom_addr, irom_data)
     segments = [(drom_addr, drom_data)]
     if irom_data:
         segments.append((irom_addr, irom_data))
@@ -245,6 +248,18 @@ def pad_for_secure_boot_v2(image: bytes) -> bytes:
     out[1] += 1
     out += _SEGMENT_HEADER.pack(0, pad_len) + bytes(pad_len)
     return _finish(out, checksum)
+
+
+def _esp32_map_fix(chip: str, addr: int, data: bytes) -> bytes:
+    """Zero-extend an ESP32 flash segment ending < 0x24 bytes past a page, as esptool does.
+
+    Older ESP32 bootloaders do not map that last page; the segment's file offset and load address
+    agree modulo the page size, so the address tells where the data ends in the file.
+    """
+    if chip != "esp32" or not data:
+        return data
+    over = (addr + len(data)) % MMU_PAGE_SIZE
+    return data + bytes(0x24 - over) if over < 0x24 else data
 
 
 def _assemble(chip: str, layout: _Layout, entry: int, segments: list[tuple[int, bytes]]) -> bytes:
@@ -483,7 +498,7 @@ def _version_key(text: str) -> tuple[tuple[int, ...], tuple[int], tuple[tuple[in
     core += (0,) * (4 - len(core))
     pre = match[2]
     if pre is None:
-        return core, (0,), ()  # a release sorts after all its pre-releases
+        return core, (1,), ()  # a release sorts after all its pre-releases
     if "" in pre.split("."):
         raise StamplineError(f"{text!r} has an empty pre-release identifier.")
     # Numeric identifiers compare as numbers and before alphanumeric ones.

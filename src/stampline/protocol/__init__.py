@@ -13,6 +13,7 @@ from stampline.protocol.messages import (
     CsrBuild,
     CsrBuildReply,
     DeviceError,
+    Erase,
     ErrorCode,
     ErrorReply,
     Finish,
@@ -50,7 +51,7 @@ from stampline.protocol.wire import (
 
 __all__ = [
     "MAGIC", "MAX_PAYLOAD", "REGISTRY", "VERSION", "Ack", "BadPayload", "Busy", "CsrBuild",
-    "CsrBuildReply", "DeviceError", "DeviceFault", "DeviceServer", "ErrorCode", "ErrorReply",
+    "CsrBuildReply", "DeviceError", "DeviceFault", "DeviceServer", "Erase", "ErrorCode", "ErrorReply",
     "Finish", "Frame", "FrameDecoder", "FrameError", "Hello", "HelloReply", "KeyType", "Keygen",
     "KeygenReply", "Link", "LinkTimeout", "Message", "MsgType", "NvsType", "ProtocolError",
     "Read", "ReadReply", "Request", "StateFlag", "Status", "StatusReply", "Target",

@@ -56,6 +56,8 @@ class LinkTimeout(ProtocolError):
 class Link:
     """Request/response with one device over an open pyserial port (or anything like one).
 
+    The port's read timeout is set to ``POLL_INTERVAL``: reads must return promptly.
+
     ``tap`` is called with ("tx" | "rx", bytes) for every write and read, e.g. to log the line.
     ``tx_bytes`` / ``rx_bytes`` count the traffic, ``stale_frames`` the replies discarded
     because they answered an earlier request.
@@ -102,14 +104,14 @@ class Link:
             self._tap("tx", data)
         try:
             self._port.write(data)
-        except serial.SerialException as e:
+        except (serial.SerialException, OSError) as e:
             raise ProtocolError(f"Writing to the serial port failed: {e}.") from e
         self.tx_bytes += len(data)
 
     def _read(self) -> bytes:
         try:
             data: bytes = self._port.read(max(1, self._port.in_waiting))
-        except serial.SerialException as e:
+        except (serial.SerialException, OSError) as e:
             raise ProtocolError(f"Reading from the serial port failed: {e}.") from e
         if data:
             self.rx_bytes += len(data)
@@ -127,7 +129,10 @@ class Link:
         name = msg.TYPE.name
         request_id = self._next_id()
         frame = encode_frame(Frame(msg.TYPE, request_id, msg.encode()))
-        self._port.reset_input_buffer()  # drop anything left from earlier requests
+        try:
+            self._port.reset_input_buffer()  # drop anything left from earlier requests
+        except (serial.SerialException, OSError) as e:
+            raise ProtocolError(f"Reading from the serial port failed: {e}.") from e
         self._decoder.reset()
         self._write(frame)
         start = time.monotonic()

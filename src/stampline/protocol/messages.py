@@ -32,6 +32,7 @@ class MsgType(IntEnum):
     CSR_BUILD = 0x03
     STATUS = 0x06
     FINISH = 0x07
+    ERASE = 0x08
     WRITE_BEGIN = 0x10
     WRITE_CHUNK = 0x11
     WRITE_END = 0x12
@@ -41,6 +42,7 @@ class MsgType(IntEnum):
     CSR_BUILD_REPLY = 0x83
     STATUS_REPLY = 0x86
     FINISH_REPLY = 0x87
+    ERASE_REPLY = 0x88
     WRITE_BEGIN_REPLY = 0x90
     WRITE_CHUNK_REPLY = 0x91
     WRITE_END_REPLY = 0x92
@@ -338,7 +340,8 @@ def decode_value(tag: Tag, raw: bytes) -> Any:
         try:
             return spec.convert(number)
         except ValueError:
-            raise BadPayload(f"field {tag.name} has the unknown value {number}", spec.bad_code)
+            reason = f"field {tag.name} has the unknown value {number}"
+            raise BadPayload(reason, spec.bad_code) from None
     if spec.kind is Kind.FIXED and len(raw) != spec.size:
         raise BadPayload(f"field {tag.name} must be {spec.size} bytes, not {len(raw)}")
     if spec.kind in (Kind.FIXED, Kind.BLOB):
@@ -463,7 +466,7 @@ class StatusReply(Message):
 
 @dataclass(frozen=True)
 class Ack(Message):
-    """The empty reply of WRITE_END and FINISH."""
+    """The empty reply of WRITE_END, FINISH and ERASE."""
 
 
 @dataclass(frozen=True)
@@ -562,8 +565,16 @@ class Finish(Request[Ack]):
     REPLY = Ack
 
 
+@dataclass(frozen=True)
+class Erase(Request[Ack]):
+    """Back to factory-fresh for rework: the stamp, certificate, CSR and the key are destroyed."""
+
+    TYPE = MsgType.ERASE
+    REPLY = Ack
+
+
 REQUESTS: tuple[type[Request[Any]], ...] = (
-    Hello, Keygen, CsrBuild, WriteBegin, WriteChunk, WriteEnd, Read, Status, Finish,
+    Hello, Keygen, CsrBuild, WriteBegin, WriteChunk, WriteEnd, Read, Status, Finish, Erase,
 )
 # request type -> (request class, reply class)
 REGISTRY: dict[MsgType, tuple[type[Request[Any]], type[Message]]] = {

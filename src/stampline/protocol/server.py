@@ -148,7 +148,7 @@ class DeviceServer:
         try:
             reply = self._run(request, frame.request_id)
             if not isinstance(reply, reply_cls):
-                raise TypeError(f"handler returned {type(reply).__name__} for {request_cls.__name__}")
+                raise TypeError(f"{type(reply).__name__} is no reply to {request_cls.__name__}")
             payload = reply.encode()
         except DeviceFault as e:
             self._send_error(frame.request_id, e.code, e.detail)

@@ -45,7 +45,7 @@ class Frame:
             raise ProtocolError(f"The request id {self.request_id} does not fit in 16 bits.")
         if len(self.payload) > MAX_PAYLOAD:
             raise ProtocolError(
-                f"A payload of {len(self.payload)} bytes exceeds the {MAX_PAYLOAD}-byte frame limit."
+                f"A {len(self.payload)}-byte payload exceeds the {MAX_PAYLOAD}-byte frame limit."
             )
 
 
