@@ -80,6 +80,7 @@ class ManufacturingFirmware:
         self.store = NvsStore(flash, self.table.find("fctry"))
         self.csr: bytes | None = None
         self.transfer: _Transfer | None = None
+        self.committed: _Transfer | None = None  # the last committed write, for a repeated WRITE_END
         self.keygen_attempts = 0
         self.last_error = m.ErrorCode.NONE
         self._lock = threading.Lock()
@@ -144,12 +145,22 @@ class ManufacturingFirmware:
             return self._write_end()
         if isinstance(request, m.Read):
             return self._read(request)
+        if isinstance(request, m.Erase):
+            return self._erase()
         if isinstance(request, m.Finish):
             if not self.state() & m.StateFlag.CERT_PRESENT:
                 raise DeviceFault(m.ErrorCode.BAD_STATE, "no certificate is stored yet")
             self.store.set(OWN_NAMESPACE, "stamp_done", 1, "u8")
             return m.Ack()
         raise DeviceFault(m.ErrorCode.UNKNOWN_TYPE, type(request).__name__)
+
+    def _erase(self) -> m.Ack:
+        """Destroy the stamp and the key pair (rework); the station has revoked the certificate."""
+        for namespace, key in list(self.store.image.items()):
+            self.store.image.delete(namespace, key)
+        self.store.commit()
+        self.csr, self.transfer, self.committed = None, None, None
+        return m.Ack()
 
     def _keygen(self, request: m.Keygen) -> m.KeygenReply:
         if self.state() & m.StateFlag.CERT_PRESENT:
@@ -193,11 +204,12 @@ class ManufacturingFirmware:
 
     def _write_begin(self, request: m.WriteBegin) -> m.WriteReply:
         if request.target == m.Target.CSR:
-            raise DeviceFault(m.ErrorCode.BAD_STATE, "the CSR is read-only")
+            raise DeviceFault(m.ErrorCode.BAD_PAYLOAD, "the CSR is read-only")
         if request.total > m.max_object_size(request.target):
             raise DeviceFault(m.ErrorCode.TOO_LARGE, f"{request.total} bytes")
         if request.namespace == OWN_NAMESPACE:
             raise DeviceFault(m.ErrorCode.BAD_STATE, f"namespace '{OWN_NAMESPACE}' belongs to the firmware")
+        self.committed = None
         self.transfer = _Transfer(request.target, request.namespace, request.key, request.nvs_type,
                                   request.total, request.sha256)
         if request.data is not None:
@@ -223,6 +235,8 @@ class ManufacturingFirmware:
         return m.WriteReply(next_offset=len(transfer.data))
 
     def _write_end(self) -> m.Ack:
+        if self.transfer is None and self.committed is not None:
+            return m.Ack()  # a retry after a lost reply: the write was committed
         if self.transfer is None:
             raise DeviceFault(m.ErrorCode.BAD_STATE, "no write is in progress")
         if len(self.transfer.data) != self.transfer.total:
@@ -231,7 +245,7 @@ class ManufacturingFirmware:
         return m.Ack()
 
     def _commit(self) -> None:
-        transfer, self.transfer = self.transfer, None
+        transfer, self.transfer, self.committed = self.transfer, None, None
         assert transfer is not None
         data = bytes(transfer.data)
         if hashlib.sha256(data).digest() != transfer.sha256:
@@ -249,6 +263,7 @@ class ManufacturingFirmware:
             raise DeviceFault(m.ErrorCode.STORAGE, str(exc)) from None
         if transfer.target == m.Target.CERT:
             self._set_own("cert_loc", f"{transfer.namespace}/{transfer.key}", "string")
+        self.committed = transfer
         self.timing.sleep(NVS_WRITE_SECONDS)
 
     def _check_certificate(self, der: bytes) -> None:
