@@ -41,7 +41,14 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV" || { echo "setup: could not create a virtual environment; install python3-venv." >&2; exit 1; }
+  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing python3-venv"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
+    "$PYTHON" -m venv "$VENV" || { echo "setup: could not create a virtual environment; install python3-venv." >&2; exit 1; }
+  fi
 fi
 stamp="$VENV/.setup-stamp"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
