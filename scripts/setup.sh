@@ -45,7 +45,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     rm -rf "$VENV"
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "setup: installing python3-venv"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     fi
     "$PYTHON" -m venv "$VENV" || { echo "setup: could not create a virtual environment; install python3-venv." >&2; exit 1; }
   fi
