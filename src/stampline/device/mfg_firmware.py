@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import zlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,11 +22,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from stampline.device.chip import ChipIdentity, Flash
-from stampline.device.timing import CSR_SIGN_SECONDS, NVS_WRITE_SECONDS, TimingModel
+from stampline.device.timing import CSR_SIGN_SECONDS, FLASH_ERASE_SECONDS_PER_SECTOR, NVS_WRITE_SECONDS, TimingModel
 from stampline.errors import StamplineError
-from stampline.firmware import image
+from stampline.firmware import image, otadata
 from stampline.firmware.nvs import NvsImage
-from stampline.firmware.partitions import PartitionEntry, PartitionTable, PARTITION_TABLE_OFFSET, TABLE_LENGTH
+from stampline.firmware.partitions import (
+    PARTITION_TABLE_OFFSET,
+    TABLE_LENGTH,
+    AppSubtype,
+    PartitionEntry,
+    PartitionTable,
+    PartitionType,
+    bootloader_offset,
+)
 from stampline.protocol import messages as m
 from stampline.protocol.server import DeviceFault
 
@@ -69,11 +79,30 @@ class _Transfer:
     last_chunk: tuple[int, bytes] | None = None
 
 
+@dataclass
+class _FlashTransfer:
+    address: int
+    size: int
+    compressed: int
+    sha256: bytes
+    received: int = 0
+    written: int = 0
+    inflater: "zlib._Decompress" = field(default_factory=zlib.decompressobj)
+    last_chunk: tuple[int, bytes] | None = None
+
+    def same(self, request: m.FlashBegin) -> bool:
+        return (self.address, self.size, self.compressed, self.sha256) == \
+            (request.address, request.size, request.compressed, request.sha256)
+
+
 class ManufacturingFirmware:
     """The request handler of the manufacturing firmware (``DeviceServer`` calls it)."""
 
-    def __init__(self, identity: ChipIdentity, flash: Flash, timing: TimingModel) -> None:
+    def __init__(self, identity: ChipIdentity, flash: Flash, timing: TimingModel,
+                 reboot: Callable[[], None] | None = None) -> None:
         self.identity = identity
+        self.reboot = reboot or (lambda: None)
+        self.flashing: _FlashTransfer | None = None
         self.flash = flash
         self.timing = timing
         self.table = PartitionTable.parse(flash.read(PARTITION_TABLE_OFFSET, TABLE_LENGTH))
@@ -145,6 +174,20 @@ class ManufacturingFirmware:
             return self._write_end()
         if isinstance(request, m.Read):
             return self._read(request)
+        if isinstance(request, m.FlashBegin):
+            return self._flash_begin(request)
+        if isinstance(request, m.FlashData):
+            return self._flash_data(request)
+        if isinstance(request, m.FlashEnd):
+            return self._flash_end()
+        if isinstance(request, m.FlashHash):
+            self._check_region(request.address, request.size, readable=True)
+            return m.HashReply(sha256=hashlib.sha256(self.flash.read(request.address, request.size)).digest())
+        if isinstance(request, m.SetBoot):
+            return self._set_boot(request.partition)
+        if isinstance(request, m.Reboot):
+            self.reboot()
+            return m.Ack()
         if isinstance(request, m.Erase):
             return self._erase()
         if isinstance(request, m.Finish):
@@ -285,6 +328,92 @@ class ManufacturingFirmware:
             self.store.set(OWN_NAMESPACE, key, value, kind)
         except StamplineError as exc:
             raise DeviceFault(m.ErrorCode.STORAGE, str(exc)) from None
+
+    # -- flashing -----------------------------------------------------------------------------
+
+    def _regions(self, readable: bool) -> list[tuple[int, int]]:
+        """Where the station may write: the bootloader region and the OTA app slots (the running
+        factory app and the data partitions are out of reach); reading also covers the factory app."""
+        boot = bootloader_offset(self.identity.model)
+        regions = [(boot, PARTITION_TABLE_OFFSET - boot)]
+        for entry in self.table:
+            if entry.type == PartitionType.APP and (readable or entry.subtype != AppSubtype.FACTORY):
+                regions.append((entry.offset, entry.size))
+        return regions
+
+    def _check_region(self, address: int, size: int, readable: bool = False) -> None:
+        if size <= 0 or not any(start <= address and address + size <= start + length
+                                for start, length in self._regions(readable)):
+            raise DeviceFault(m.ErrorCode.BAD_STATE, f"0x{address:x}+{size} is not a region the station may "
+                                                     f"{'read' if readable else 'write'}")
+
+    def _flash_begin(self, request: m.FlashBegin) -> m.WriteReply:
+        if self.flashing is not None and self.flashing.same(request):
+            return m.WriteReply(next_offset=self.flashing.received)  # resume after a dropped link
+        self._check_region(request.address, request.size)
+        if request.compressed == 0 or request.compressed > 2 * request.size + 1024:
+            raise DeviceFault(m.ErrorCode.BAD_PAYLOAD, "implausible compressed size")
+        sectors = (request.size + 0xFFF) // 0x1000
+        self.flash.erase(request.address, min(sectors * 0x1000, self.flash.size - request.address))
+        self.timing.sleep(sectors * FLASH_ERASE_SECONDS_PER_SECTOR)
+        self.flashing = _FlashTransfer(request.address, request.size, request.compressed, request.sha256)
+        return m.WriteReply(next_offset=0)
+
+    def _flash_data(self, request: m.FlashData) -> m.WriteReply:
+        t = self.flashing
+        if t is None:
+            raise DeviceFault(m.ErrorCode.BAD_STATE, "no flash transfer is in progress")
+        if t.last_chunk == (request.offset, request.data):
+            return m.WriteReply(next_offset=t.received)
+        if request.offset != t.received:
+            raise DeviceFault(m.ErrorCode.OUT_OF_ORDER, f"expected offset {t.received}")
+        if t.received + len(request.data) > t.compressed:
+            raise DeviceFault(m.ErrorCode.TOO_LARGE, "more data than announced")
+        try:
+            # bounded: never inflate past the announced size (a compression bomb stops here)
+            plain = t.inflater.decompress(request.data, t.size - t.written + 1)
+        except zlib.error:
+            self.flashing = None
+            raise DeviceFault(m.ErrorCode.BAD_PAYLOAD, "the data does not inflate") from None
+        if t.written + len(plain) > t.size or t.inflater.unconsumed_tail:
+            self.flashing = None
+            raise DeviceFault(m.ErrorCode.TOO_LARGE, "the data inflates past the announced size")
+        self.flash.write(t.address + t.written, plain)
+        t.written += len(plain)
+        t.received += len(request.data)
+        t.last_chunk = (request.offset, request.data)
+        return m.WriteReply(next_offset=t.received)
+
+    def _flash_end(self) -> m.Ack:
+        t, self.flashing = self.flashing, None
+        if t is None:
+            raise DeviceFault(m.ErrorCode.BAD_STATE, "no flash transfer is in progress")
+        self.flash.flush()
+        if t.received != t.compressed or t.written != t.size or not t.inflater.eof:
+            raise DeviceFault(m.ErrorCode.BAD_STATE, f"{t.written} of {t.size} bytes written")
+        if hashlib.sha256(self.flash.read(t.address, t.size)).digest() != t.sha256:
+            raise DeviceFault(m.ErrorCode.HASH_MISMATCH, "the written flash does not match its SHA-256")
+        return m.Ack()
+
+    def _set_boot(self, label: str) -> m.Ack:
+        try:
+            target = self.table.find(label)
+        except StamplineError:
+            raise DeviceFault(m.ErrorCode.NOT_FOUND, f"no partition '{label}'") from None
+        slots = sorted((e for e in self.table if e.type == PartitionType.APP and e.subtype != AppSubtype.FACTORY),
+                       key=lambda e: e.subtype)
+        ota = self.table.find("otadata")
+        if target.type != PartitionType.APP:
+            raise DeviceFault(m.ErrorCode.BAD_STATE, f"'{label}' is not an app partition")
+        if image.read_app_descriptor(self.flash.read(target.offset, target.size)) is None:
+            raise DeviceFault(m.ErrorCode.BAD_STATE, f"'{label}' holds no app image")
+        if target.subtype == AppSubtype.FACTORY:
+            data = otadata.erased(ota.size)
+        else:
+            data = otadata.select(self.flash.read(ota.offset, ota.size), slots.index(target), len(slots))
+        self.flash.write(ota.offset, data)
+        self.flash.flush()
+        return m.Ack()
 
     # -- reads --------------------------------------------------------------------------------
 

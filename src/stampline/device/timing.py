@@ -14,6 +14,7 @@ from dataclasses import dataclass
 KEYGEN_SECONDS = {1: (0.2, 0.4), 2: (7.0, 12.0), 3: (25.0, 45.0)}  # protocol KeyType -> (min, max)
 CSR_SIGN_SECONDS = {1: 0.05, 2: 0.25, 3: 0.6}
 NVS_WRITE_SECONDS = 0.004  # one NVS entry commit
+FLASH_ERASE_SECONDS_PER_SECTOR = 0.025  # 4 KiB sector erase, typical SPI NOR
 BOOT_SECONDS = 0.3
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
@@ -23,6 +24,10 @@ from stampline.protocol.messages import (
     DeviceError,
     ErrorCode,
     ErrorReply,
+    FlashBegin,
+    FlashData,
+    FlashEnd,
+    FlashHash,
     HelloReply,
     Message,
     MsgType,
@@ -251,4 +256,25 @@ class Link:
         if hashlib.sha256(data).digest() != first.sha256:
             raise ProtocolError(f"The {target.name} object read from the device fails its SHA-256.")
         return bytes(data)
+
+    def flash(self, address: int, image: bytes, *, timeout: float = 5.0,
+              compressed: bytes | None = None) -> int:
+        """Write ``image`` at ``address``: zlib-compressed, in chunks, then checked by a SHA-256
+        the device computes over what it wrote. Resumes where the device says an interrupted
+        transfer of the same image stopped. Returns the compressed bytes actually sent."""
+        packed = compressed if compressed is not None else zlib.compress(image, 9)
+        digest = hashlib.sha256(image).digest()
+        begin = self.request(FlashBegin(address, len(image), len(packed), digest), timeout=timeout,
+                             hard_timeout=max(timeout, 60.0))
+        start = begin.next_offset
+        if start > len(packed):
+            raise ProtocolError(f"The device resumes a flash transfer at {start}, past its end.")
+        size = self.max_payload - CHUNK_OVERHEAD
+        for offset in range(start, len(packed), size):
+            chunk = packed[offset : offset + size]
+            self._expect_offset(self._request_retry(FlashData(offset, chunk), timeout), offset + len(chunk))
+        self.request(FlashEnd(), timeout=timeout, hard_timeout=max(timeout, 120.0))
+        if self.request(FlashHash(address, len(image)), timeout=timeout, hard_timeout=120.0).sha256 != digest:
+            raise ProtocolError(f"The flash at 0x{address:x} does not read back as the image written.")
+        return len(packed) - start
 

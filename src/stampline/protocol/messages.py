@@ -37,6 +37,12 @@ class MsgType(IntEnum):
     WRITE_CHUNK = 0x11
     WRITE_END = 0x12
     READ = 0x13
+    FLASH_BEGIN = 0x20
+    FLASH_DATA = 0x21
+    FLASH_END = 0x22
+    FLASH_HASH = 0x23
+    SET_BOOT = 0x24
+    REBOOT = 0x25
     HELLO_REPLY = 0x81
     KEYGEN_REPLY = 0x82
     CSR_BUILD_REPLY = 0x83
@@ -47,6 +53,12 @@ class MsgType(IntEnum):
     WRITE_CHUNK_REPLY = 0x91
     WRITE_END_REPLY = 0x92
     READ_REPLY = 0x93
+    FLASH_BEGIN_REPLY = 0xA0
+    FLASH_DATA_REPLY = 0xA1
+    FLASH_END_REPLY = 0xA2
+    FLASH_HASH_REPLY = 0xA3
+    SET_BOOT_REPLY = 0xA4
+    REBOOT_REPLY = 0xA5
     BUSY = 0xFE
     ERROR = 0xFF
 
@@ -209,6 +221,10 @@ class Tag(IntEnum):
     LAST_ERROR = 0x18
     CODE = 0x19
     DETAIL = 0x1A
+    ADDRESS = 0x1B
+    SIZE = 0x1C
+    COMPRESSED = 0x1D
+    PARTITION = 0x1E
 
 
 class Kind(Enum):
@@ -259,6 +275,10 @@ SPECS: dict[Tag, Spec] = {
     Tag.LAST_ERROR: Spec(Kind.U8, convert=ErrorCode.from_wire),
     Tag.CODE: Spec(Kind.U8, convert=ErrorCode.from_wire),
     Tag.DETAIL: Spec(Kind.TEXT, MAX_DETAIL, strict=False),
+    Tag.ADDRESS: Spec(Kind.U32),
+    Tag.SIZE: Spec(Kind.U32),
+    Tag.COMPRESSED: Spec(Kind.U32),
+    Tag.PARTITION: Spec(Kind.NAME, 16),
 }
 
 
@@ -573,8 +593,74 @@ class Erase(Request[Ack]):
     REPLY = Ack
 
 
+# Flashing (0x20-0x25): a zlib-compressed image streamed into a flash region, resumable.
+
+
+@dataclass(frozen=True)
+class HashReply(Message):
+    sha256: bytes = tlv(Tag.SHA256)
+
+
+@dataclass(frozen=True)
+class FlashBegin(Request[WriteReply]):
+    """Start (or resume) writing ``size`` bytes at ``address``; the data comes zlib-compressed
+    (``compressed`` bytes). NEXT_OFFSET in the reply is where in the compressed stream to go on:
+    0 for a new transfer, more when the same transfer (address, size, SHA-256) was interrupted."""
+
+    TYPE = MsgType.FLASH_BEGIN
+    REPLY = WriteReply
+    address: int = tlv(Tag.ADDRESS)
+    size: int = tlv(Tag.SIZE)
+    compressed: int = tlv(Tag.COMPRESSED)
+    sha256: bytes = tlv(Tag.SHA256)
+
+
+@dataclass(frozen=True)
+class FlashData(Request[WriteReply]):
+    TYPE = MsgType.FLASH_DATA
+    REPLY = WriteReply
+    offset: int = tlv(Tag.OFFSET)
+    data: bytes = tlv(Tag.DATA)
+
+
+@dataclass(frozen=True)
+class FlashEnd(Request[Ack]):
+    """All compressed bytes sent: the device checks the SHA-256 of what it wrote."""
+
+    TYPE = MsgType.FLASH_END
+    REPLY = Ack
+
+
+@dataclass(frozen=True)
+class FlashHash(Request[HashReply]):
+    """SHA-256 of a flash region as the device reads it back."""
+
+    TYPE = MsgType.FLASH_HASH
+    REPLY = HashReply
+    address: int = tlv(Tag.ADDRESS)
+    size: int = tlv(Tag.SIZE)
+
+
+@dataclass(frozen=True)
+class SetBoot(Request[Ack]):
+    """Select the app partition the bootloader starts next (ESP-IDF's otadata)."""
+
+    TYPE = MsgType.SET_BOOT
+    REPLY = Ack
+    partition: str = tlv(Tag.PARTITION)
+
+
+@dataclass(frozen=True)
+class Reboot(Request[Ack]):
+    """Reboot after the reply has been sent."""
+
+    TYPE = MsgType.REBOOT
+    REPLY = Ack
+
+
 REQUESTS: tuple[type[Request[Any]], ...] = (
     Hello, Keygen, CsrBuild, WriteBegin, WriteChunk, WriteEnd, Read, Status, Finish, Erase,
+    FlashBegin, FlashData, FlashEnd, FlashHash, SetBoot, Reboot,
 )
 # request type -> (request class, reply class)
 REGISTRY: dict[MsgType, tuple[type[Request[Any]], type[Message]]] = {
