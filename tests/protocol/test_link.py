@@ -388,7 +388,7 @@ def test_server_answers_every_kind_of_bad_input(device: FakeDevice) -> None:
         bytes(bad_crc),
         bytes(v2),
         encode_frame(Frame(MsgType.STATUS, 0, b"")),
-        encode_frame(Frame(0x20, 7, b"")),  # reserved for flashing
+        encode_frame(Frame(0x26, 7, b"")),  # reserved
         encode_frame(Frame(MsgType.HELLO_REPLY, 8, b"")),
         encode_frame(Frame(MsgType.READ, 9, b"\x0f\x01\x00")),  # truncated field
         encode_frame(Frame(MsgType.HELLO, 10, b"\x01\x01\x00\x00")),  # PROTO 0
