@@ -71,37 +71,48 @@ def _new_pin(source: str, label: str) -> str:
     return value
 
 
+def check_pin_source(pin_source: str) -> None:
+    if not (pin_source in ("sealed", "prompt") or
+            (pin_source.startswith("env:") and pin_source[4:].replace("_", "").isalnum())):
+        raise UsageError(f"--pin-source must be sealed, prompt or env:NAME, not '{pin_source}'.")
+
+
 def _check_options(options: CeremonyOptions) -> None:
-    if not (options.pin_source in ("sealed", "prompt") or
-            (options.pin_source.startswith("env:") and options.pin_source[4:].replace("_", "").isalnum())):
-        raise UsageError(f"--pin-source must be sealed, prompt or env:NAME, not '{options.pin_source}'.")
+    check_pin_source(options.pin_source)
     if not options.station_id.replace("-", "").isalnum() or len(options.station_id) > 24:
         raise UsageError("--station-id must be 1-24 letters, digits or '-'.")
     if not (0 < len(options.organization) <= 64 and options.organization.isprintable()):
         raise UsageError("--org must be 1-64 printable characters.")
 
 
+def configure_workspace(workspace: Workspace, station_id: str, keys: dict[str, Pkcs11Uri], pin_source: str,
+                        created: list[str]) -> StationConfig:
+    """A new workspace configuration whose tokens are SoftHSM2 tokens in the workspace, one per
+    token the keys name, each with its own PIN (from ``pin_source``) and a sealed SO PIN."""
+    workspace_id = new_workspace_id()
+    conf = softhsm.write_config(workspace.softhsm_dir)
+    tokens: dict[str, dict[str, object]] = {}
+    for label in dict.fromkeys(uri.token for uri in keys.values()):
+        user_pin = _new_pin(pin_source, label)
+        so_pin = secrets.token_urlsafe(16)
+        softhsm.init_token(conf, label, so_pin, user_pin)
+        tokens[label] = {"module": SOFTHSM, "pin": _pin_spec(pin_source, workspace_id, label, user_pin),
+                         "so_pin": {"sealed": seal(so_pin, workspace_id, label + "/so")}}
+        created.append(f"token {label}")
+    config = StationConfig(workspace, workspace_id, station_id, tokens, keys)
+    config.save()
+    created.append("workspace configuration")
+    return config
+
+
 def _configure(workspace: Workspace, options: CeremonyOptions, created: list[str]) -> StationConfig:
     if workspace.has_config():
         return workspace.config()
     _check_options(options)
-    workspace_id = new_workspace_id()
-    conf = softhsm.write_config(workspace.softhsm_dir)
-    tokens: dict[str, dict[str, object]] = {}
-    for label in ("stampline-root", f"stampline-{options.station_id}"):
-        user_pin = _new_pin(options.pin_source, label)
-        so_pin = secrets.token_urlsafe(16)
-        softhsm.init_token(conf, label, so_pin, user_pin)
-        tokens[label] = {"module": SOFTHSM, "pin": _pin_spec(options.pin_source, workspace_id, label, user_pin),
-                         "so_pin": {"sealed": seal(so_pin, workspace_id, label + "/so")}}
-        created.append(f"token {label}")
-    config = StationConfig(workspace, workspace_id, options.station_id, tokens, {
+    return configure_workspace(workspace, options.station_id, {
         "root_ca": Pkcs11Uri(token="stampline-root", object=ROOT_KEY),
         "sub_ca": Pkcs11Uri(token=f"stampline-{options.station_id}", object=SUB_KEY),
-    })
-    config.save()
-    created.append("station configuration")
-    return config
+    }, options.pin_source, created)
 
 
 def _write_pem(path: Path, cert: x509.Certificate) -> None:

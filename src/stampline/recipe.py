@@ -68,11 +68,19 @@ endpoint:
   url: "mqtts://127.0.0.1:8883"  # the IoT endpoint written into every device
   registration: jitr             # jitr (the cloud trusts the CA) or manifest (bulk registration)
 
-firmware:
-  manufacturing:
+firmware:                        # images are checked (SHA-256, Secure Boot V2 signature) before
+  manufacturing:                 # anything is written; paths are relative to this file
     min_version: "1.0.0"
+    # image: firmware/mfg.signed.bin       # flashed when the device's is older than min_version
+    # sha256: "<64 hex digits>"
   application:
     min_version: "1.0.0"
+    # image: firmware/app.signed.bin
+    # sha256: "<64 hex digits>"
+  # bootloader:                  # the signed secure bootloader: written last, then the device
+  #   image: firmware/bootloader.signed.bin  # reboots into the app and locks itself (first boot)
+  #   sha256: "<64 hex digits>"
+  # secure_boot_key: firmware/secure-boot.pub.pem  # from `stampline firmware pubkey`
 """
 
 
@@ -80,6 +88,14 @@ firmware:
 class FirmwareRule:
     min_version: tuple[int, int, int]
     min_version_text: str
+    image: Path | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    path: Path
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,8 @@ class Recipe:
     endpoint: str
     registration: str
     firmware: dict[str, FirmwareRule]
+    bootloader: ImageRef | None = None
+    secure_boot_key: Path | None = None
     sha256: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
 
@@ -182,10 +200,11 @@ def load(path: str | Path) -> Recipe:
         raise UsageError(f"there is no recipe at {path}.") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError):
         raise UsageError(f"the recipe {path} cannot be read as text.") from None
-    return parse(text, str(path))
+    return parse(text, str(path), base=path.parent)
 
 
-def parse(text: str, where: str = "recipe") -> Recipe:
+def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
+    """Validate a recipe; relative image paths are taken from ``base`` (the recipe's folder)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -255,16 +274,42 @@ def parse(text: str, where: str = "recipe") -> Recipe:
         r"^mqtts://[A-Za-z0-9.-]{1,253}(:\d{1,5})?$", v) else f"'{v}' must look like mqtts://host:port.")
     registration = f.get(endpoint, "endpoint", "registration", str, "jitr", check=_one_of(REGISTRATION))
 
-    fw = f.mapping(f.get(top, "", "firmware", dict), "firmware", ("manufacturing", "application"))
+    fw = f.mapping(f.get(top, "", "firmware", dict), "firmware",
+                   ("manufacturing", "application", "bootloader", "secure_boot_key"))
+    folder = base or Path.cwd()
+    sha_check = (lambda v: None if re.fullmatch(r"[0-9a-f]{64}", v) else "must be 64 lowercase hex digits.")
+    path_check = (lambda v: None if v and "\0" not in v else "must be a file path.")
+
+    def image_ref(raw: dict[str, Any], path: str) -> tuple[Path | None, str | None]:
+        image = f.get(raw, path, "image", str, None, check=path_check)
+        digest = f.get(raw, path, "sha256", str, None, check=sha_check)
+        if (image is None) != (digest is None):
+            raise f.fail(f"{path}.sha256" if digest is None else f"{path}.image",
+                         "is required with " + ("image." if digest is None else "sha256."))
+        return (folder / image if image else None), digest
+
     firmware: dict[str, FirmwareRule] = {}
     for part in ("manufacturing", "application"):
-        rule = f.mapping(f.get(fw, "firmware", part, dict), f"firmware.{part}", ("min_version",))
+        rule = f.mapping(f.get(fw, "firmware", part, dict), f"firmware.{part}", ("min_version", "image", "sha256"))
         text_version = f.get(rule, f"firmware.{part}", "min_version", str,
                              check=lambda v: None if parse_version(v) else f"'{v}' is not a version like 1.2.3.")
-        firmware[part] = FirmwareRule(parse_version(text_version), text_version)  # type: ignore[arg-type]
+        image_path, digest = image_ref(rule, f"firmware.{part}")
+        firmware[part] = FirmwareRule(parse_version(text_version), text_version, image_path, digest)  # type: ignore[arg-type]
+    bootloader = None
+    if "bootloader" in fw:
+        boot_raw = f.mapping(f.get(fw, "firmware", "bootloader", dict), "firmware.bootloader", ("image", "sha256"))
+        boot_path, boot_digest = image_ref(boot_raw, "firmware.bootloader")
+        if boot_path is None or boot_digest is None:
+            raise f.fail("firmware.bootloader.image", "is required.")
+        bootloader = ImageRef(boot_path, boot_digest)
+    key = f.get(fw, "firmware", "secure_boot_key", str, None, check=path_check)
+    secure_boot_key = folder / key if key else None
+    if secure_boot_key is None and (bootloader or any(r.image for r in firmware.values())):
+        raise f.fail("firmware.secure_boot_key", "is required when the recipe names firmware images.")
 
     return Recipe(product=name, organization=organization, chip=chip, device_key=device_key,
                   serial_template=serial_template, serial_start=serial_start, subject=subject,
                   validity_days=validity, nvs_partition=partition, nvs_namespace=namespace, nvs_keys=nvs_keys,
                   pop_bytes=pop_bytes, endpoint=url, registration=registration, firmware=firmware,
+                  bootloader=bootloader, secure_boot_key=secure_boot_key,
                   sha256=hashlib.sha256(text.encode()).hexdigest(), source=where)

@@ -8,11 +8,11 @@ import traceback
 from typing import Sequence
 
 from stampline import __version__
-from stampline.cli import ca_cmd, demo_cmd, device_cmd, ledger_cmd, recipe_cmd, station_cmd
+from stampline.cli import ca_cmd, demo_cmd, device_cmd, firmware_cmd, ledger_cmd, recipe_cmd, station_cmd
 from stampline.cli.common import Parser
 from stampline.errors import StamplineError
 
-COMMANDS = (demo_cmd, ca_cmd, recipe_cmd, station_cmd, device_cmd, ledger_cmd)
+COMMANDS = (demo_cmd, ca_cmd, recipe_cmd, station_cmd, device_cmd, ledger_cmd, firmware_cmd)
 
 
 def build_parser() -> Parser:
@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except StamplineError as exc:
-        print(f"stampline: {exc}", file=sys.stderr)
+        message = str(exc)
+        if message[:1].isupper() and message[1:2].islower():  # "The device ..." reads on as "stampline: the device ..."
+            message = message[0].lower() + message[1:]
+        print(f"stampline: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("stampline: interrupted.", file=sys.stderr)

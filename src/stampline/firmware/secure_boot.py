@@ -119,7 +119,7 @@ def signer_scheme(public_key: PublicKey) -> str:
     """The signer scheme Secure Boot V2 needs for this key (pass it to `Token.signer`)."""
     kind = key_type(public_key)
     if kind not in _SIGNER_SCHEMES:
-        raise StamplineError(f"Secure Boot V2 cannot use a {kind} key; it takes RSA-3072 or ECDSA P-256/P-384.")
+        raise StamplineError(f"Secure Boot V2 cannot use a {kind} key; it takes RSA-3072 or ECDSA P-192/P-256/P-384.")
     return _SIGNER_SCHEMES[kind]
 
 
@@ -138,9 +138,11 @@ def _key_section(public_key: PublicKey) -> bytes:
     """The key bytes exactly as a signature block stores them (and eFuse digests them)."""
     kind = key_type(public_key)
     if kind not in _SIGNER_SCHEMES:
-        raise StamplineError(f"Secure Boot V2 cannot use a {kind} key; it takes RSA-3072 or ECDSA P-256/P-384.")
+        raise StamplineError(f"Secure Boot V2 cannot use a {kind} key; it takes RSA-3072 or ECDSA P-192/P-256/P-384.")
     if isinstance(public_key, rsa.RSAPublicKey):
         n, e = public_key.public_numbers().n, public_key.public_numbers().e
+        if e >= 1 << 32:
+            raise StamplineError("Secure Boot V2 stores the RSA exponent in 32 bits; this key's is larger.")
         rinv = (1 << 6144) % n  # R^2 mod n for the RSA peripheral's Montgomery form, R = 2^3072
         m_prime = -pow(n, -1, 1 << 32) % (1 << 32)
         return _RSA_KEY_SECTION.pack(_le(n, 384), e, _le(rinv, 384), m_prime)
@@ -171,7 +173,10 @@ def parse_signature_blocks(data: bytes) -> list[SignatureBlock]:
     (unknown version or curve, a point off the curve, inconsistent RSA parameters) is refused.
     """
     data = bytes(data)
-    sector = _signature_sector(data)
+    return _parse_blocks(data, _signature_sector(data))
+
+
+def _parse_blocks(data: bytes, sector: int) -> list[SignatureBlock]:
     blocks = []
     for index in range(MAX_BLOCKS):
         start = sector + index * SIGNATURE_BLOCK_SIZE
@@ -225,10 +230,11 @@ def verify_image(data: bytes, public_key: PublicKey | None = None) -> SignatureB
     every block must verify: we do not know which key the device trusts.
     """
     data = bytes(data)
-    blocks = parse_signature_blocks(data)
+    sector = _signature_sector(data)
+    blocks = _parse_blocks(data, sector)
     if not blocks:
         raise StamplineError("The image is not signed: no Secure Boot V2 signature block follows it.")
-    body = data[:_signature_sector(data)]
+    body = data[:sector]
     if public_key is None:
         for block in blocks:
             _check_block(block, body)
@@ -282,7 +288,7 @@ def sign_image(image: bytes, signer: Signer, chip: str, append: bool = False) ->
     public_key = signer.public_key
     kind = key_type(public_key)
     if kind not in CHIP_SCHEMES[chip]:
-        raise StamplineError(f"{chip} Secure Boot V2 does not take a {kind} key; it takes "
+        raise StamplineError(f"{chip} Secure Boot V2 does not take {kind} keys; it takes "
                              f"{' or '.join(CHIP_SCHEMES[chip])}.")
     wanted = signer_scheme(public_key)
     if str(getattr(signer.scheme, "value", signer.scheme)) != wanted:
@@ -307,13 +313,13 @@ def sign_image(image: bytes, signer: Signer, chip: str, append: bool = False) ->
 
 def _signed_parts(image: bytes, chip: str, new_key: bytes) -> tuple[bytes, bytes]:
     """The signed body and its existing blocks, if one more block for ``new_key`` may join them."""
-    blocks = parse_signature_blocks(image)
+    sector = _signature_sector(image)
+    blocks = _parse_blocks(image, sector)
     limit = MAX_KEYS[chip]
     if limit == 1:
         raise StamplineError(f"{chip} Secure Boot V2 takes a single key; the image is already signed.")
     if len(blocks) >= limit:
         raise StamplineError(f"The image already has {len(blocks)} signature blocks, the most {chip} takes.")
-    sector = _signature_sector(image)
     end = sector + SECTOR_SIZE
     if len(image) < end or image[end:].strip(b"\xff"):
         raise StamplineError("The signed image's signature sector is truncated or followed by other data.")
