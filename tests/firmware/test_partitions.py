@@ -26,6 +26,7 @@ REFERENCE = [  # label, type, subtype, offset, size, flags
     ("otadata", 1, 0x00, 0xF000, 0x2000, 0),
     ("nvs_keys", 1, 0x04, 0x11000, 0x1000, 1),
     ("fctry", 1, 0x02, 0x12000, 0x6000, 0),
+    ("fb_journal", 1, 0x40, 0x18000, 0x3000, 0),
     ("factory", 0, 0x00, 0x20000, 0x100000, 0),
     ("ota_0", 0, 0x10, 0x120000, 0x100000, 0),
     ("ota_1", 0, 0x11, 0x220000, 0x100000, 0),
@@ -55,7 +56,7 @@ def test_round_trip_and_lookups():
     assert table.find("nvs_keys").encrypted and not table.find("fctry").encrypted
     assert [e.label for e in table.by_subtype(PartitionType.DATA, DataSubtype.NVS)] == ["nvs", "fctry"]
     assert table.by_subtype(PartitionType.APP, AppSubtype.OTA_1)[0].offset == 0x220000
-    assert "otadata" in table and "spiffs" not in table and len(table) == 7
+    assert "otadata" in table and "spiffs" not in table and len(table) == 8
     with pytest.raises(StamplineError, match="no partition 'spiffs'"):
         table.find("spiffs")
 

@@ -259,6 +259,7 @@ class PartitionTable:
 
 
 DEFAULT_FLASH_SIZE = 4 * 1024 * 1024
+JOURNAL_SUBTYPE = 0x40  # a custom data subtype (0x40-0xFE are free for applications)
 
 
 def default_table(chip: str, flash_size: int = DEFAULT_FLASH_SIZE) -> PartitionTable:
@@ -266,7 +267,8 @@ def default_table(chip: str, flash_size: int = DEFAULT_FLASH_SIZE) -> PartitionT
 
     ``fctry`` holds the plaintext manufacturing stamp written at the station; ``nvs`` is left
     blank and becomes the encrypted NVS on first boot, keyed from ``nvs_keys`` (which is
-    flagged encrypted, so flash encryption protects the NVS keys).
+    flagged encrypted, so flash encryption protects the NVS keys). ``fb_journal`` (two state
+    sectors and a scratch sector) makes the first boot resumable after a power cut.
     """
     bootloader_offset(chip)  # refuses unknown chips
     app, data = PartitionType.APP, PartitionType.DATA
@@ -275,6 +277,7 @@ def default_table(chip: str, flash_size: int = DEFAULT_FLASH_SIZE) -> PartitionT
         PartitionEntry("otadata", data, DataSubtype.OTA, 0xF000, 0x2000),
         PartitionEntry("nvs_keys", data, DataSubtype.NVS_KEYS, 0x11000, 0x1000, FLAG_ENCRYPTED),
         PartitionEntry("fctry", data, DataSubtype.NVS, 0x12000, 0x6000),
+        PartitionEntry("fb_journal", data, JOURNAL_SUBTYPE, 0x18000, 0x3000),
         PartitionEntry("factory", app, AppSubtype.FACTORY, 0x20000, 0x100000),
         PartitionEntry("ota_0", app, AppSubtype.OTA_0, 0x120000, 0x100000),
         PartitionEntry("ota_1", app, AppSubtype.OTA_1, 0x220000, 0x100000),
