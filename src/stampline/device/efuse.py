@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stampline.device.flash_crypt import XTS_KEY_SIZES
+from stampline.device.flash_crypt import XTS_KEY_SIZES, check_key
 from stampline.errors import StamplineError
 
 if TYPE_CHECKING:
@@ -208,9 +208,7 @@ class Efuses:
 
     def burn_flash_encryption_key(self, key: bytes) -> None:
         """Burn the flash encryption key, read- and write-protected; refused if one is burnt."""
-        if len(key) not in XTS_KEY_SIZES[self.chip]:
-            sizes = " or ".join(str(size) for size in XTS_KEY_SIZES[self.chip])
-            raise StamplineError(f"A {self.chip} flash encryption key is {sizes} bytes, not {len(key)}.")
+        check_key(key, self.chip)
         purposes = XTS_PURPOSES[len(key)]
         halves = [key[start:start + 32] for start in range(0, len(key), 32)]
         with self._espefuse() as commands:
@@ -239,7 +237,7 @@ class Efuses:
                  **_JTAG, "DIS_DIRECT_BOOT": 1}
         with self._espefuse() as commands:
             if int(commands.efuses["SPI_BOOT_CRYPT_CNT"].get_raw()).bit_count() % 2 == 0:
-                raise StamplineError("Flash encryption is not enabled; locking SPI_BOOT_CRYPT_CNT now would keep it off.")
+                raise StamplineError("Flash encryption is not enabled; locking SPI_BOOT_CRYPT_CNT would keep it off.")
             if download_mode == "disabled":
                 fuses["DIS_DOWNLOAD_MODE"] = 1
             elif not commands.efuses["DIS_DOWNLOAD_MODE"].get_raw():
@@ -281,7 +279,8 @@ class Efuses:
                 raise
             except esptool.FatalError as error:
                 self._commands = None
-                raise StamplineError(f"espefuse refused the burn: {' '.join(str(error).split()).rstrip('.')}.") from None
+                reason = " ".join(str(error).split()).rstrip(".")
+                raise StamplineError(f"espefuse refused the burn: {reason}.") from None
             except BaseException:
                 self._commands = None
                 raise

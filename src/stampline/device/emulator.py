@@ -6,20 +6,26 @@ takes ten bit times at the baud rate (scaled), so transfer times match a real UA
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import threading
+import time
 import tty
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from stampline.device import chip
+from stampline.device.app_firmware import ApplicationFirmware
+from stampline.device.boot import Boot, BootHalted, BootResult, Checkpoints, PowerCut
 from stampline.device.chip import ChipIdentity, Flash
+from stampline.device.efuse import Efuses
 from stampline.device.mfg_firmware import ManufacturingFirmware
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
-from stampline.protocol.server import DeviceServer
+from stampline.protocol.messages import ErrorCode, Message, Request
+from stampline.protocol.server import DeviceFault, DeviceServer
 
 
 @dataclass(frozen=True)
@@ -44,31 +50,99 @@ def create_device(devices_root: Path, options: DeviceOptions) -> ChipIdentity:
 
 
 class EmulatedDevice:
-    """One device: its flash, its firmware, and a pty whose other end is the 'USB serial port'."""
+    """One device: flash, eFuses, whatever firmware its boot starts, and a pty whose other end is
+    the 'USB serial port'. Rebooting (REBOOT, or `power_cycle`) runs the boot again: ROM,
+    bootloader, first boot where due, then the manufacturing firmware or the application."""
 
     def __init__(self, devices_root: Path, chip_id: str, timing: TimingModel,
-                 tap: Callable[[str, bytes], None] | None = None) -> None:
+                 tap: Callable[[str, bytes], None] | None = None, power_on: bool = True) -> None:
         self.directory = chip.device_dir(devices_root, chip_id)
         self.identity = chip.load_identity(self.directory)
         self.flash = Flash(self.directory / "flash.bin")
+        self.efuses = Efuses(self.identity.model, self.directory / "efuse.bin")
         self.timing = timing
-        self.firmware = ManufacturingFirmware(self.identity, self.flash, timing)
+        self.handler: ManufacturingFirmware | ApplicationFirmware | None = None
+        self.halted = ""
+        self.last_boot: BootResult | None = None
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
         self._tap = tap
         self._stop = threading.Event()
-        self._server = DeviceServer(self.firmware, self._read, self._write)
+        self._boot_lock = threading.Lock()
+        self._server = DeviceServer(self._dispatch, self._read, self._write)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(self._stop,),
                                         name=f"device-{chip_id}", daemon=True)
+        if power_on:
+            self.power_cycle()
 
     @property
     def chip_id(self) -> str:
         return self.identity.hex
 
+    @property
+    def firmware(self) -> ManufacturingFirmware:
+        """The manufacturing firmware, when that is what runs (tests poke at it)."""
+        assert isinstance(self.handler, ManufacturingFirmware), f"the device runs {type(self.handler).__name__}"
+        return self.handler
+
     def start(self) -> "EmulatedDevice":
         self._thread.start()
         return self
+
+    # -- power ----------------------------------------------------------------------------------
+
+    def power_cycle(self, cut_at: int | None = None) -> Checkpoints:
+        """Power on and boot; ``cut_at`` injects a power cut at that checkpoint (1-based).
+        Returns the checkpoints passed; a cut leaves the device off (no firmware running)."""
+        checkpoints = Checkpoints(cut_at)
+        with self._boot_lock:
+            self.handler, self.halted = None, ""
+            try:
+                result = Boot(self.identity, self.flash, self.efuses, self.timing, checkpoints).run()
+                if result.running == "manufacturing":
+                    self.handler = ManufacturingFirmware(self.identity, self.flash, self.timing,
+                                                         reboot=self.reboot, running=result.partition.label)
+                else:
+                    app = ApplicationFirmware(self.identity, self.flash, result.flash, self.efuses, result.table,
+                                              result.partition, self.timing, checkpoints)
+                    result.phases.update(app.start())
+                    self.handler = app
+                self.last_boot = result
+                self._log_boot(result, checkpoints)
+            except PowerCut as cut:
+                self.halted = f"powered off at {cut}"
+            except BootHalted as halted:
+                self.halted = str(halted)
+                self._log_boot(None, checkpoints)
+            finally:
+                self.flash.flush()
+        return checkpoints
+
+    def reboot(self) -> None:
+        """REBOOT from the firmware: boot again once the reply has left."""
+        self.handler = None
+        threading.Timer(0.02, self.power_cycle).start()
+
+    def _log_boot(self, result: BootResult | None, checkpoints: Checkpoints) -> None:
+        entry = {"at": time.time(), "halted": self.halted or None,
+                 "running": result.running if result else None,
+                 "partition": result.partition.label if result else None,
+                 "first_boot": bool(result and result.first_boot),
+                 "phases": {k: round(v, 4) for k, v in (result.phases if result else {}).items()},
+                 "checkpoints": len(checkpoints.passed)}
+        with open(self.directory / "boot-log.jsonl", "a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+    def _dispatch(self, request: Request) -> Message:  # type: ignore[type-arg]
+        handler = self.handler
+        if handler is None:
+            if self.halted:
+                raise DeviceFault(ErrorCode.INTERNAL, f"the device does not boot: {self.halted}")
+            raise DeviceFault(ErrorCode.BUSY, "booting")
+        return handler(request)
+
+    # -- the line -------------------------------------------------------------------------------
 
     def _read(self, n: int) -> bytes:
         if not select.select([self._master], [], [], 0.05)[0]:
@@ -98,7 +172,8 @@ class EmulatedDevice:
                 os.close(fd)
             except OSError:
                 pass
-        self.flash.close()
+        with self._boot_lock:
+            self.flash.close()
 
 
 def existing_devices(devices_root: Path) -> list[str]:

@@ -8,8 +8,8 @@ its own: the output is byte for byte what
 ``espsecure encrypt-flash-data --aes-xts --keyfile K --address A`` writes.
 
 Keys are in key-file order: the file that ``espefuse burn-key`` burns and ``espsecure`` reads.
-A 32-byte key is AES-128-XTS (XTS_AES_128_KEY); a 64-byte key is AES-256-XTS
-(XTS_AES_256_KEY_1 + _2), which only the ESP32-S3 has.
+A 32-byte key is AES-128-XTS (XTS_AES_128_KEY), which both chips take; a 64-byte key is
+AES-256-XTS (XTS_AES_256_KEY_1 + _2), which only the ESP32-S3 has and which its first boot uses.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from stampline.errors import StamplineError
 if TYPE_CHECKING:
     from stampline.device.chip import Flash
 
-XTS_KEY_SIZES: dict[str, tuple[int, ...]] = {"esp32c3": (32,), "esp32s3": (32, 64)}
+XTS_KEY_SIZES = {"esp32c3": 32, "esp32s3": 64}  # the key a first boot generates; 32 bytes always work
 BLOCK = 0x80  # one flash encryption block = one XTS data unit
 ALIGN = 16  # the encryption engine works on whole AES blocks
 SECTOR = 0x1000
@@ -34,9 +34,9 @@ def check_key(key: bytes, chip: str) -> None:
     """Refuse a chip the emulator does not model, or a key its flash encryption cannot use."""
     if chip not in XTS_KEY_SIZES:
         raise StamplineError(f"Flash encryption is modelled for {', '.join(XTS_KEY_SIZES)}, not '{chip}'.")
-    if len(key) not in XTS_KEY_SIZES[chip]:
-        sizes = " or ".join(str(size) for size in XTS_KEY_SIZES[chip])
-        raise StamplineError(f"A {chip} flash encryption key is {sizes} bytes, not {len(key)}.")
+    sizes = sorted({32, XTS_KEY_SIZES[chip]})
+    if len(key) not in sizes:
+        raise StamplineError(f"A {chip} flash encryption key is {' or '.join(map(str, sizes))} bytes, not {len(key)}.")
 
 
 def encrypt(key: bytes, address: int, data: bytes, chip: str) -> bytes:
@@ -52,7 +52,8 @@ def decrypt(key: bytes, address: int, data: bytes, chip: str) -> bytes:
 def _xts(key: bytes, address: int, data: bytes, chip: str, decrypt: bool) -> bytes:
     check_key(key, chip)
     if address < 0 or address % ALIGN or len(data) % ALIGN:
-        raise StamplineError(f"Flash encryption needs a 16-byte aligned address and length, not 0x{address:x}+{len(data)}.")
+        raise StamplineError("Flash encryption needs a 16-byte aligned address and length, "
+                             f"not 0x{address:x}+{len(data)}.")
     if address + len(data) > 1 << 32:
         raise StamplineError(f"Flash encryption addresses are 32 bits; 0x{address:x}+{len(data)} is beyond them.")
     aes = algorithms.AES(key)

@@ -99,8 +99,9 @@ class ManufacturingFirmware:
     """The request handler of the manufacturing firmware (``DeviceServer`` calls it)."""
 
     def __init__(self, identity: ChipIdentity, flash: Flash, timing: TimingModel,
-                 reboot: Callable[[], None] | None = None) -> None:
+                 reboot: Callable[[], None] | None = None, running: str = "factory") -> None:
         self.identity = identity
+        self.running = running  # the partition this firmware was started from
         self.reboot = reboot or (lambda: None)
         self.flashing: _FlashTransfer | None = None
         self.flash = flash
@@ -158,7 +159,7 @@ class ManufacturingFirmware:
     def _dispatch(self, request: m.Request) -> m.Message:  # type: ignore[type-arg]
         if isinstance(request, m.Hello):
             return m.HelloReply(chip_id=self.identity.chip_id, chip_model=self.identity.model,
-                                chip_rev=self.identity.revision, mfg_fw_version=self._version("factory"),
+                                chip_rev=self.identity.revision, mfg_fw_version=self._version(self.running),
                                 app_fw_version=self._version("ota_0"), max_payload=MAX_PAYLOAD, state=self.state())
         if isinstance(request, m.Status):
             return m.StatusReply(state=self.state(), last_error=self.last_error)

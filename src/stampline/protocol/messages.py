@@ -164,6 +164,8 @@ class StateFlag(IntFlag):
     CERT_PRESENT = 1 << 2
     STAMP_DONE = 1 << 3
     SECURED = 1 << 4
+    SECURE_BOOT = 1 << 5
+    FLASH_ENCRYPTION = 1 << 6
 
 
 class BadPayload(ProtocolError):
