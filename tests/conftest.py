@@ -50,3 +50,23 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; the project's setup installs it")
     return path
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory: pytest.TempPathFactory, _seal_dir: None):  # type: ignore[no-untyped-def]
+    """A signing workspace (the product's CI) with its Secure Boot V2 key in a token, and a
+    signed release of the reference bootloader, manufacturing firmware and application."""
+    from stampline import release as releases, signing
+
+    ci = Workspace.at(tmp_path_factory.mktemp("ci-ws"), create=True)
+    signing.keygen(ci, "esp32c3")
+    built = releases.build(ci, "esp32c3", ci.root / "release")
+    return built
+
+
+def secure_recipe(release, **versions: str) -> str:  # type: ignore[no-untyped-def]
+    """The template recipe with the release's signed images and secure bootloader."""
+    from stampline import recipe as recipes
+
+    text = recipes.TEMPLATE
+    return text[:text.index("firmware:")] + release.recipe_firmware(**versions)

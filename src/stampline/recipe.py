@@ -302,6 +302,9 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
         if boot_path is None or boot_digest is None:
             raise f.fail("firmware.bootloader.image", "is required.")
         bootloader = ImageRef(boot_path, boot_digest)
+    if bootloader is not None and firmware["application"].image is None:
+        raise f.fail("firmware.application.image", "is required with a secure bootloader: the station makes sure "
+                     "the device holds this signed application before it locks the device.")
     key = f.get(fw, "firmware", "secure_boot_key", str, None, check=path_check)
     secure_boot_key = folder / key if key else None
     if secure_boot_key is None and (bootloader or any(r.image for r in firmware.values())):

@@ -16,13 +16,14 @@ import os
 import threading
 from typing import Callable
 
-from stampline.device.boot import MFG_PROJECT, SECTOR, BootHalted, verify_with_digests
+from stampline.device.boot import SECTOR, BootHalted, verify_with_digests
 from stampline.device.chip import ChipIdentity, Flash
 from stampline.device.efuse import Efuses
 from stampline.device.flash_crypt import EncryptedFlash
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
 from stampline.firmware import image, otadata
+from stampline.firmware.image import MFG_PROJECT
 from stampline.firmware.nvs import NvsImage, make_nvs_keys_partition, parse_nvs_keys_partition
 from stampline.firmware.partitions import AppSubtype, PartitionEntry, PartitionTable, PartitionType
 from stampline.protocol import messages as m

@@ -32,6 +32,7 @@ from stampline.device.journal import ENCRYPTED, ENCRYPTING, SECTOR, Journal
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
 from stampline.firmware import image, otadata, secure_boot
+from stampline.firmware.image import MFG_PROJECT
 from stampline.firmware.partitions import (
     PARTITION_TABLE_OFFSET,
     TABLE_LENGTH,
@@ -42,7 +43,6 @@ from stampline.firmware.partitions import (
     bootloader_offset,
 )
 
-MFG_PROJECT = "stampline-mfg"  # the reference manufacturing firmware's project name
 FE_SECONDS_PER_SECTOR = 0.12  # read, erase, write 4 KiB encrypted, plus the journal: ~1 MB a minute
 SB_VERIFY_SECONDS = 0.08  # RSA-3072 verification of one image
 BOOT_SECONDS = 0.3

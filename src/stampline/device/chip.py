@@ -98,12 +98,17 @@ def load_identity(directory: Path) -> ChipIdentity:
         raise StamplineError(f"{directory} does not hold an emulated device.") from None
 
 
-def factory_image(identity: ChipIdentity, mfg_version: str, app_version: str) -> dict[int, bytes]:
-    """What a chip supplier pre-flashes: bootloader, partition table, manufacturing and application firmware."""
+def factory_image(identity: ChipIdentity, mfg_version: str, app_version: str,
+                  images: dict[str, bytes] | None = None) -> dict[int, bytes]:
+    """What a chip supplier pre-flashes: bootloader, partition table, manufacturing and application
+    firmware; ``images`` (bootloader, manufacturing, application) replaces the built-in ones."""
     table = partitions.default_table(identity.model, FLASH_SIZE)
+    given = images or {}
     return {
-        partitions.bootloader_offset(identity.model): image.build_bootloader_image(identity.model),
+        partitions.bootloader_offset(identity.model): given.get("bootloader") or image.build_bootloader_image(identity.model),
         partitions.PARTITION_TABLE_OFFSET: table.to_bytes(),
-        table.find("factory").offset: image.build_app_image(identity.model, "stampline-mfg", mfg_version),
-        table.find("ota_0").offset: image.build_app_image(identity.model, "product-app", app_version),
+        table.find("factory").offset: given.get("manufacturing") or image.build_app_image(
+            identity.model, image.MFG_PROJECT, mfg_version),
+        table.find("ota_0").offset: given.get("application") or image.build_app_image(
+            identity.model, "product-app", app_version),
     }

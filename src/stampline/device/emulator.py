@@ -33,6 +33,7 @@ class DeviceOptions:
     model: str = "esp32c3"
     mfg_version: str = "1.0.0"
     app_version: str = "1.0.0"
+    images: dict[str, bytes] | None = None  # pre-flashed instead of the built-in (unsigned) ones
 
 
 def create_device(devices_root: Path, options: DeviceOptions) -> ChipIdentity:
@@ -42,7 +43,8 @@ def create_device(devices_root: Path, options: DeviceOptions) -> ChipIdentity:
     chip.save_identity(directory, identity)
     flash = Flash(directory / "flash.bin")
     try:
-        for address, data in chip.factory_image(identity, options.mfg_version, options.app_version).items():
+        for address, data in chip.factory_image(identity, options.mfg_version, options.app_version,
+                                                options.images).items():
             flash.write(address, data)
     finally:
         flash.close()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from stampline.errors import StamplineError
 
 # esptool's IMAGE_CHIP_ID of each target (the extended header's chip_id field).
+MFG_PROJECT = "stampline-mfg"  # the project name of the reference manufacturing firmware
+
 CHIP_IDS: dict[str, int] = {
     "esp32": 0,
     "esp32s2": 2,

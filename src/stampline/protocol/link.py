@@ -80,6 +80,7 @@ class Link:
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.stale_frames = 0
+        self._reopen: Callable[[], Link] | None = None
 
     @classmethod
     def open(cls, url: str, baudrate: int = 115200, *, tap: Tap | None = None,
@@ -89,7 +90,15 @@ class Link:
             port = serial.serial_for_url(url, baudrate=baudrate, timeout=POLL_INTERVAL)
         except (serial.SerialException, ValueError) as e:
             raise ProtocolError(f"Cannot open the serial port {url}: {e}.") from e
-        return cls(port, tap=tap, keepalive_timeout=keepalive_timeout)
+        link = cls(port, tap=tap, keepalive_timeout=keepalive_timeout)
+        link._reopen = lambda: cls.open(url, baudrate, tap=tap, keepalive_timeout=keepalive_timeout)
+        return link
+
+    def reopen(self) -> Link:
+        """A new link on the same port (after the line dropped); this one must be closed."""
+        if self._reopen is None:
+            raise ProtocolError("This link was not opened from a port name and cannot be reopened.")
+        return self._reopen()
 
     def close(self) -> None:
         self._port.close()

@@ -22,13 +22,17 @@ from stampline.errors import StamplineError
 from stampline.pki.policy import CsrRefused, check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.protocol import messages as m
-from stampline.protocol.link import Link
+from stampline.protocol.link import Link, LinkTimeout
+from stampline.protocol.wire import ProtocolError
 from stampline.recipe import Recipe, parse_version
+from stampline.station.firmware_set import CheckedImage, FirmwareSet
 from stampline.station.ledger import DeviceState, Ledger
 
 KEY_TYPES = {"ec-p256": m.KeyType.EC_P256, "rsa-2048": m.KeyType.RSA_2048, "rsa-3072": m.KeyType.RSA_3072}
 # Longest a key generation may take, keep-alives included (the device sends BUSY meanwhile).
 KEYGEN_HARD_TIMEOUT = {"ec-p256": 10.0, "rsa-2048": 60.0, "rsa-3072": 240.0}
+BOOT_TIMEOUT = 30.0  # a reboot into firmware that is already there
+FIRST_BOOT_TIMEOUT = 600.0  # the first boot encrypts the flash in place: about a minute on a real chip
 
 
 class DeviceFailed(StamplineError):
@@ -47,8 +51,10 @@ class StationContext:
     issuer: DeviceIssuer
     ledger: Ledger
     batch_id: int
+    firmware: FirmwareSet
     rework: bool = False
-    time_scale_note: str = ""
+    boot_timeout: float = BOOT_TIMEOUT
+    first_boot_timeout: float = FIRST_BOOT_TIMEOUT
 
     @property
     def sub_ca_der(self) -> bytes:
@@ -60,7 +66,7 @@ class DeviceResult:
     port: str
     chip_id: str = ""
     serial: str = ""
-    outcome: str = "failed"  # provisioned | already-provisioned | failed
+    outcome: str = "failed"  # provisioned | secured | already-provisioned | failed
     step: str = ""
     reason: str = ""
     steps: dict[str, float] = field(default_factory=dict)
@@ -131,18 +137,25 @@ class Flow:
         ledger, recipe, r = self.ctx.ledger, self.recipe, self.result
         hello = self._step("identify", self._identify)
         assert isinstance(hello, m.HelloReply)
-        self._step("check_firmware", lambda: self._check_firmware(hello))
-
         live = ledger.live_certificate(r.chip_id)
         record = self._previous
-        if live is not None and not self.ctx.rework:
-            if record is not None and record.state == DeviceState.PROVISIONED.value \
-                    and hello.state & m.StateFlag.STAMP_DONE:
-                r.serial = record.serial or ""
-                r.outcome, r.step = "already-provisioned", "done"
-                ledger.record_step(r.chip_id, self.ctx.batch_id, "recognise", time.time(), 0.0, "skipped",
-                                   "already provisioned by this station; not issued again")
+        done_states = (DeviceState.PROVISIONED.value, DeviceState.LOCKING.value, DeviceState.SECURED.value)
+        if live is not None and not self.ctx.rework and record is not None and record.state in done_states \
+                and hello.state & m.StateFlag.STAMP_DONE:
+            r.serial = record.serial or ""
+            if self.ctx.firmware.secure and not hello.state & m.StateFlag.SECURED:
+                if hello.mfg_fw_version:  # stamped, but the lock did not happen: do it now
+                    self._lock()
+                    return
+                self._step("first_boot", self._await_secured)  # rebooted already, still in its first boot
+                r.outcome, r.step = "secured", "done"
                 return
+            r.outcome, r.step = "already-provisioned", "done"
+            ledger.record_step(r.chip_id, self.ctx.batch_id, "recognise", time.time(), 0.0, "skipped",
+                               "already provisioned by this station; not issued again")
+            return
+        hello = self._step("check_firmware", lambda: self._check_firmware(hello))  # type: ignore[assignment]
+        if live is not None and not self.ctx.rework:
             cert_der = self._resume_with(live.der, record.serial if record else None)
         else:
             if live is not None:
@@ -166,6 +179,8 @@ class Flow:
         self._step("write_stamp", self._write_stamp)
         self._step("finish", self._finish)
         r.outcome, r.step = "provisioned", "done"
+        if self.ctx.firmware.secure:
+            self._lock()
 
     def _identify(self) -> m.HelloReply:
         hello = self.link.request(m.Hello(), timeout=3.0)
@@ -179,15 +194,101 @@ class Flow:
             raise StamplineError(f"the device is an {_shown(hello.chip_model)}, but the recipe is for {self.recipe.chip}.")
         return hello
 
-    def _check_firmware(self, hello: m.HelloReply) -> None:
+    def _check_firmware(self, hello: m.HelloReply) -> m.HelloReply:
+        """Versions against the recipe's minimums; an older image is replaced by the recipe's own."""
+        firmware = self.ctx.firmware
         for part, reported in (("manufacturing", hello.mfg_fw_version), ("application", hello.app_fw_version)):
             rule = self.recipe.firmware[part]
             version = parse_version(reported)
-            if version is None:
-                raise StamplineError(f"the device reports an unreadable {part} firmware version '{_shown(reported)}'.")
-            if version < rule.min_version:
-                raise StamplineError(f"the device's {part} firmware {_shown(reported)} is below the "
-                                     f"recipe's minimum {rule.min_version_text}.")
+            image = firmware.images.get(part)
+            if version is not None and version >= rule.min_version:
+                continue
+            shown = _shown(reported) if reported else "missing"
+            if image is None:
+                if version is None and reported:
+                    raise StamplineError(f"the device reports an unreadable {part} firmware version '{shown}'.")
+                raise StamplineError(f"the device's {part} firmware {shown} is below the recipe's minimum "
+                                     f"{rule.min_version_text}, and the recipe names no image to flash.")
+            hello = self._flash_firmware(part, image)
+        if firmware.secure:
+            self._ensure_application(firmware.images["application"])
+        return hello
+
+    def _flash_firmware(self, part: str, image: CheckedImage) -> m.HelloReply:
+        table = self.ctx.firmware.table
+        if part == "application":
+            self._flash("flash_application", table.find("ota_0").offset, image)
+            hello = self.link.request(m.Hello(), timeout=3.0)
+        else:
+            # the running factory app cannot overwrite itself: the new one goes to ota_1 and starts from there
+            self._flash("flash_manufacturing", table.find("ota_1").offset, image)
+            self.link.request(m.SetBoot("ota_1"), timeout=3.0)
+            self.link.request(m.Reboot(), timeout=3.0)
+            hello = self._await_boot(self.ctx.boot_timeout)
+        reported = hello.mfg_fw_version if part == "manufacturing" else hello.app_fw_version
+        if reported != image.version:
+            raise StamplineError(f"after flashing, the device reports {part} firmware '{_shown(reported)}', "
+                                 f"not {image.version}.")
+        return hello
+
+    def _ensure_application(self, image: CheckedImage) -> None:
+        """Before the lock the device must hold exactly the recipe's signed application in ota_0."""
+        offset = self.ctx.firmware.table.find("ota_0").offset
+        if self.link.request(m.FlashHash(offset, len(image.data)), timeout=10.0).sha256 != image.sha256:
+            self._flash("flash_application", offset, image)
+
+    def _flash(self, step: str, address: int, image: CheckedImage) -> None:
+        def write() -> None:
+            for attempt in range(3):
+                try:
+                    self.link.flash(address, image.data, compressed=image.compressed)
+                    return
+                except (LinkTimeout, ProtocolError) as exc:
+                    if isinstance(exc, m.DeviceError) or attempt == 2:
+                        raise
+                    self._reconnect()  # the transfer resumes where the device says it stopped
+        self._step(step, write)
+
+    def _reconnect(self) -> None:
+        self.link.close()
+        self.link = self.link.reopen()
+        self.link.request(m.Hello(), timeout=3.0)
+
+    def _await_boot(self, timeout: float) -> m.HelloReply:
+        """HELLO until the device answers after a reboot (it answers BUSY while it boots)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                return self.link.request(m.Hello(), timeout=1.0)
+            except m.DeviceError as exc:
+                last = str(exc)
+                if exc.code not in (m.ErrorCode.BUSY,):
+                    raise StamplineError(f"the device does not come back after its reboot: {exc.detail or exc}") from None
+            except LinkTimeout as exc:
+                last = str(exc)
+            time.sleep(0.05)
+        raise StamplineError(f"the device did not come back within {timeout:.0f} s of its reboot ({last}).")
+
+    def _lock(self) -> None:
+        """Swap in the secure bootloader, boot the application, wait until the device reports secured."""
+        firmware, ledger, r = self.ctx.firmware, self.ctx.ledger, self.result
+        self._step("write_bootloader", lambda: self.link.flash(
+            firmware.bootloader_offset, firmware.images["bootloader"].data,
+            compressed=firmware.images["bootloader"].compressed))
+        self._step("set_boot", lambda: self.link.request(m.SetBoot("ota_0"), timeout=3.0))
+        ledger.set_state(r.chip_id, DeviceState.LOCKING)
+        self._step("reboot", lambda: self.link.request(m.Reboot(), timeout=3.0))
+        self._step("first_boot", self._await_secured)
+        r.outcome, r.step = "secured", "done"
+
+    def _await_secured(self) -> None:
+        hello = self._await_boot(self.ctx.first_boot_timeout)
+        wanted = m.StateFlag.SECURED | m.StateFlag.SECURE_BOOT | m.StateFlag.FLASH_ENCRYPTION | m.StateFlag.STAMP_DONE
+        if hello.state & wanted != wanted:
+            raise StamplineError(f"after its first boot the device reports state {int(hello.state):#x}, "
+                                 "not secured with its stamp.")
+        self.ctx.ledger.set_state(self.result.chip_id, DeviceState.SECURED)
 
     def _allocate_serial(self) -> str:
         r = self.result

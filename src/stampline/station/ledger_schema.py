@@ -25,13 +25,16 @@ class DeviceState(str, Enum):
     WRITTEN = "written"  # certificate written to the device and read back
     STAMPED = "stamped"  # NVS stamp written
     PROVISIONED = "provisioned"
+    LOCKING = "locking"  # secure bootloader written, rebooted into its first boot
+    SECURED = "secured"  # the device reported secure boot, flash encryption and a closed door
     FAILED = "failed"
     REWORKED = "reworked"
 
 
 #: States that need a certificate: a chip cannot reach them without one being committed
 #: (a state added later after `issued`, such as `secured`, belongs here).
-CERTIFIED_STATES = frozenset({DeviceState.ISSUED, DeviceState.WRITTEN, DeviceState.STAMPED, DeviceState.PROVISIONED})
+CERTIFIED_STATES = frozenset({DeviceState.ISSUED, DeviceState.WRITTEN, DeviceState.STAMPED, DeviceState.PROVISIONED,
+                              DeviceState.LOCKING, DeviceState.SECURED})
 #: States before issuance: a chip holding a live certificate cannot be in them.
 PRE_ISSUANCE_STATES = frozenset({DeviceState.SEEN, DeviceState.SERIAL_ALLOCATED, DeviceState.KEY_GENERATED})
 

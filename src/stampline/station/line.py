@@ -19,6 +19,7 @@ from stampline.errors import StamplineError
 from stampline.pki.profile import DeviceIssuer
 from stampline.protocol.link import Link
 from stampline.recipe import Recipe
+from stampline.station.firmware_set import FirmwareSet
 from stampline.station.flow import DeviceResult, Flow, StationContext
 from stampline.station.ledger import Ledger
 from stampline.workspace import Workspace
@@ -26,7 +27,9 @@ from stampline.workspace import Workspace
 
 @contextmanager
 def open_station(workspace: Workspace, recipe: Recipe, rework: bool = False, note: str = "") -> Iterator[StationContext]:
-    """Log in to the station token (a wrong PIN stops here, before any device), open the ledger and a batch."""
+    """Check the recipe's firmware images, log in to the station token (a wrong PIN stops here,
+    before any device), open the ledger and a batch."""
+    firmware = FirmwareSet.load(recipe)
     config = workspace.config()
     token, label = config.key_token("sub_ca")
     token.login()
@@ -34,7 +37,8 @@ def open_station(workspace: Workspace, recipe: Recipe, rework: bool = False, not
     ledger = Ledger(workspace.ledger_path, station_id=config.station_id)
     try:
         batch = ledger.open_batch(recipe.product, recipe.sha256, note)
-        yield StationContext(recipe=recipe, issuer=issuer, ledger=ledger, batch_id=batch, rework=rework)
+        yield StationContext(recipe=recipe, issuer=issuer, ledger=ledger, batch_id=batch, firmware=firmware,
+                             rework=rework)
     finally:
         ledger.close()
 
@@ -108,12 +112,13 @@ def run_line(context: StationContext, ports: list[str], display: Display | None 
             link = opener(port)
         except StamplineError as exc:
             return DeviceResult(port, step="connect", reason=str(exc))
+        flow = Flow(context, link, port, update)
         try:
-            return Flow(context, link, port, update).run()
+            return flow.run()
         except Exception as exc:  # a bug in one flow must not stop the other ports
             return DeviceResult(port, step="internal", reason=f"internal error ({type(exc).__name__}).")
         finally:
-            link.close()
+            flow.link.close()  # the flow may have reopened it
 
     with ThreadPoolExecutor(max_workers=max(1, len(ports)), thread_name_prefix="port") as pool:
         return list(pool.map(one, ports))
