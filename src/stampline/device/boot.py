@@ -41,11 +41,17 @@ from stampline.firmware.partitions import (
     PartitionTable,
     PartitionType,
     bootloader_offset,
+    default_table,
 )
 
 FE_SECONDS_PER_SECTOR = 0.12  # read, erase, write 4 KiB encrypted, plus the journal: ~1 MB a minute
 SB_VERIFY_SECONDS = 0.08  # RSA-3072 verification of one image
 BOOT_SECONDS = 0.3
+
+
+def default_journal_entries(chip: str) -> list[PartitionEntry]:
+    """Where the journal lies in the reference layout (what a bootloader built for it knows)."""
+    return [default_table(chip).find("fb_journal")]
 
 
 class PowerCut(Exception):
@@ -158,21 +164,19 @@ class Boot:
         if self.efuses.secure_boot_enabled():
             verify_with_digests(bootloader, self.efuses.secure_boot_digests(), "bootloader")
             self._spend("secure_boot", SB_VERIFY_SECONDS)
-        try:
-            table = PartitionTable.parse(view.read(PARTITION_TABLE_OFFSET, TABLE_LENGTH), self.flash.size)
-        except StamplineError as exc:
-            raise BootHalted(f"the bootloader cannot read the partition table: {exc}") from None
+        table = self._partition_table(view)
 
         secure_loader = bool(secure_boot.parse_signature_blocks(bootloader))
-        first_boot = secure_loader and not (self.efuses.secure_boot_enabled()
-                                            and self.efuses.flash_encryption_enabled())
+        first_boot = secure_loader and not (self.efuses.secure_boot_enabled() and self.efuses.flash_encryption_enabled()
+                                            and self.efuses.download_mode_disabled())
         app_entry = self._select_app(table, view)
         if first_boot:
             own_keys = [b.public_key for b in secure_boot.parse_signature_blocks(bootloader)]
             self._enable_secure_boot(own_keys, app_entry, view)
             self._enable_flash_encryption(table, boot_offset, bootloader)
-            self.checkpoint("close_manufacturing")
-            self.efuses.close_manufacturing()
+            if not self.efuses.download_mode_disabled():
+                self.checkpoint("close_manufacturing")
+                self.efuses.close_manufacturing()
             view = self._view(table)
         elif self.efuses.flash_encryption_enabled():
             view = self._view(table)
@@ -191,6 +195,21 @@ class Boot:
         running = "manufacturing" if descriptor.project_name == MFG_PROJECT else "application"
         self.checkpoint(f"start:{running}")
         return BootResult(running, app_entry, view, table, first_boot, self.phases)
+
+    def _partition_table(self, view: Flash | EncryptedFlash) -> PartitionTable:
+        raw = view.read(PARTITION_TABLE_OFFSET, TABLE_LENGTH)
+        try:
+            return PartitionTable.parse(raw, self.flash.size)
+        except StamplineError as exc:
+            problem = exc
+        # A first boot cut after the table was encrypted but before the eFuse burn: the journal
+        # (at the reference layout's place) kept the plaintext table.
+        if not self.efuses.flash_encryption_enabled() and self.efuses.flash_encryption_key_burnt():
+            for candidate in (e for e in default_journal_entries(self.chip)):
+                saved = Journal(self.flash, candidate).state().table
+                if saved:
+                    return PartitionTable.parse(saved, self.flash.size)
+        raise BootHalted(f"the bootloader cannot read the partition table: {problem}")
 
     def _select_app(self, table: PartitionTable, view: Flash | EncryptedFlash) -> PartitionEntry:
         slots = sorted((e for e in table if e.type == PartitionType.APP and e.subtype != AppSubtype.FACTORY),
@@ -229,7 +248,13 @@ class Boot:
         self.efuses.enable_secure_boot()
 
     def _regions_to_encrypt(self, table: PartitionTable, boot_offset: int, bootloader: bytes) -> list[tuple[int, int]]:
-        regions = [(boot_offset, _round_up(len(bootloader))), (PARTITION_TABLE_OFFSET, SECTOR)]
+        """Partition table, apps, encrypted data partitions — and the bootloader last.
+
+        The ROM reads the bootloader raw until SPI_BOOT_CRYPT_CNT is burnt and decrypted after, so
+        from the first encrypted write of the bootloader until that burn no bootloader is readable:
+        a window no firmware can close on these chips. Encrypting the bootloader last, right
+        before the burn, keeps it to a few sector writes (docs/first-boot.md)."""
+        regions = [(PARTITION_TABLE_OFFSET, SECTOR)]
         for entry in table:
             if entry.type == PartitionType.APP:
                 length = _image_length(self.flash.read(entry.offset, entry.size))
@@ -237,7 +262,7 @@ class Boot:
                     regions.append((entry.offset, length))
             elif entry.encrypted:
                 regions.append((entry.offset, entry.size))
-        return regions
+        return regions + [(boot_offset, _round_up(len(bootloader)))]
 
     def _enable_flash_encryption(self, table: PartitionTable, boot_offset: int, bootloader: bytes) -> None:
         if self.efuses.flash_encryption_enabled():
@@ -255,6 +280,7 @@ class Boot:
                 regions, resume_at = state.regions, state.address
             else:
                 regions, resume_at = tuple(self._regions_to_encrypt(table, boot_offset, bootloader)), None
+            self._table_bytes = table.to_bytes()
             sectors = [s for start, size in regions for s in range(start, start + size, SECTOR)]
             for sector in sectors:
                 if resume_at is not None:
@@ -275,7 +301,7 @@ class Boot:
         self.checkpoint(f"flash_encryption:sector:{sector:#x}:scratch")
         journal.save_scratch(plain)
         self.checkpoint(f"flash_encryption:sector:{sector:#x}:journal")
-        journal.save(ENCRYPTING, sector, hashlib.sha256(plain).digest(), regions)
+        journal.save(ENCRYPTING, sector, hashlib.sha256(plain).digest(), regions, self._table_bytes)
         self.checkpoint(f"flash_encryption:sector:{sector:#x}:erase")
         self.flash.erase(sector, SECTOR)
         self.flash.flush()

@@ -18,10 +18,11 @@ from stampline.device.chip import Flash
 from stampline.firmware.partitions import PartitionEntry
 
 SECTOR = 0x1000
-_HEAD = struct.Struct("<4sIBxxxI32sH")  # magic, seq, phase, address, sha256, region count
+_HEAD = struct.Struct("<4sIBxxxI32sHH")  # magic, seq, phase, address, sha256, region count, table length
 _REGION = struct.Struct("<II")  # offset, size
 _MAGIC = b"FBJ1"
-MAX_REGIONS = 64
+MAX_REGIONS = 16
+MAX_TABLE = 0xC00
 
 IDLE = 0  # nothing in progress
 ENCRYPTING = 1  # the sector at ``address`` (plaintext SHA-256 ``sha256``) is being encrypted
@@ -35,6 +36,7 @@ class JournalState:
     address: int = 0
     sha256: bytes = bytes(32)
     regions: tuple[tuple[int, int], ...] = ()  # what is being encrypted, fixed when it starts
+    table: bytes = b""  # the plaintext partition table: once encrypted, it is unreadable until the eFuse burn
 
 
 class Journal:
@@ -46,27 +48,30 @@ class Journal:
 
     def _read(self, index: int) -> JournalState | None:
         raw = self.flash.read(self.base + index * SECTOR, SECTOR)
-        magic, seq, phase, address, sha, count = _HEAD.unpack_from(raw)
-        if magic != _MAGIC or count > MAX_REGIONS:
+        magic, seq, phase, address, sha, count, table_length = _HEAD.unpack_from(raw)
+        if magic != _MAGIC or count > MAX_REGIONS or table_length > MAX_TABLE:
             return None
-        end = _HEAD.size + count * _REGION.size
+        table_at = _HEAD.size + count * _REGION.size
+        end = table_at + table_length
         (crc,) = struct.unpack_from("<I", raw, end)
         if crc != zlib.crc32(raw[:end]):
             return None
         regions = tuple(_REGION.unpack_from(raw, _HEAD.size + i * _REGION.size) for i in range(count))
-        return JournalState(seq, phase, address, sha, regions)
+        return JournalState(seq, phase, address, sha, regions, raw[table_at:end])
 
     def state(self) -> JournalState:
         found = [s for s in (self._read(0), self._read(1)) if s is not None]
         return max(found, key=lambda s: s.seq) if found else JournalState()
 
     def save(self, phase: int, address: int = 0, sha256: bytes = bytes(32),
-             regions: tuple[tuple[int, int], ...] = ()) -> None:
+             regions: tuple[tuple[int, int], ...] = (), table: bytes = b"") -> None:
         """Write a new state into the sector not holding the newest one."""
+        if len(regions) > MAX_REGIONS or len(table) > MAX_TABLE:
+            raise ValueError("too many regions or too long a partition table for the journal")
         states = [(i, s) for i, s in ((0, self._read(0)), (1, self._read(1))) if s is not None]
         index, newest = max(states, key=lambda item: item[1].seq, default=(1, JournalState()))
-        body = _HEAD.pack(_MAGIC, newest.seq + 1, phase, address, sha256, len(regions)) + b"".join(
-            _REGION.pack(*r) for r in regions)
+        body = _HEAD.pack(_MAGIC, newest.seq + 1, phase, address, sha256, len(regions), len(table)) + b"".join(
+            _REGION.pack(*r) for r in regions) + table
         target = self.base + (1 - index) * SECTOR
         self.flash.erase(target, SECTOR)
         self.flash.write(target, body + struct.pack("<I", zlib.crc32(body)))
