@@ -1,7 +1,9 @@
 """The demo: a whole line on one machine, on embedded defaults.
 
-Tokens in SoftHSM2, the CA ceremony, a default recipe, N factory-fresh emulated ESP32-C3s on
-ptys, all provisioned at once by the station; then every chain is checked by ``openssl verify``.
+Tokens in SoftHSM2, the CA ceremony, a signing workspace standing for the product's CI (its own
+token, the Secure Boot V2 key, a signed release), a recipe naming that release, N factory-fresh
+emulated ESP32-C3s on ptys (pre-flashed with the signed firmware), all provisioned at once by
+the station, locked by their first boot; then every chain is checked by ``openssl verify``.
 Run it again on the same workspace and it provisions N more.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampline import ceremony, recipe as recipes
+from stampline import ceremony, recipe as recipes, release as releases, signing
 from stampline.device.emulator import DeviceOptions, Emulator
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
@@ -26,6 +28,13 @@ from stampline.station.line import Display, open_station, run_line
 from stampline.workspace import Workspace
 
 
+@dataclass(frozen=True)
+class DeviceSecurity:
+    secure_boot: bool
+    flash_encryption: bool
+    first_boot_phases: dict[str, float]  # modelled seconds of the device's first boot, per phase
+
+
 @dataclass
 class DemoReport:
     results: list[DeviceResult]
@@ -33,11 +42,14 @@ class DemoReport:
     chain_problems: list[str] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     ledger_problems: list[str] = field(default_factory=list)
+    security: dict[str, DeviceSecurity] = field(default_factory=dict)  # by chip id
 
     @property
     def ok(self) -> bool:
-        return (self.chains_ok and not self.ledger_problems
-                and all(r.outcome == "provisioned" for r in self.results))
+        secured = all(self.security.get(r.chip_id, DeviceSecurity(False, False, {})).secure_boot
+                      and self.security[r.chip_id].flash_encryption for r in self.results)
+        return (self.chains_ok and not self.ledger_problems and secured
+                and all(r.outcome == "secured" for r in self.results))
 
 
 def verify_chains(workspace: Workspace, certs: dict[str, bytes]) -> list[str]:
@@ -60,20 +72,46 @@ def verify_chains(workspace: Workspace, certs: dict[str, bytes]) -> list[str]:
     return [f"the chain of {Path(f).stem} does not verify." for f in files if f not in ok_lines]
 
 
+def _release(workspace: Workspace, chip: str, created: list[str]) -> releases.Release:
+    """The product CI's side, in a workspace of its own: the factory never holds this key."""
+    ci = Workspace.at(workspace.root / "ci", create=True)
+    if not ci.has_config():
+        signing.keygen(ci, chip)
+        created.append("signing workspace with its Secure Boot V2 key")
+    out = ci.root / "release"
+    files = {part: out / name for part, name in (("bootloader", "bootloader-1.0.0.signed.bin"),
+                                                 ("manufacturing", "manufacturing-1.0.0.signed.bin"),
+                                                 ("application", "application-1.0.0.signed.bin"),
+                                                 ("secure_boot_key", "secure-boot.pub.pem"))}
+    if all(path.exists() for path in files.values()):
+        return releases.Release(out, files)
+    created.append("signed firmware release")
+    return releases.build(ci, chip, out)
+
+
 def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: bool = True) -> DemoReport:
     workspace = Workspace.at(workdir, create=True)
     result = ceremony.init(workspace, ceremony.CeremonyOptions())
     created = list(result.created)
+    release = _release(workspace, "esp32c3", created)
     if not workspace.recipe_path.exists():
-        workspace.recipe_path.write_text(recipes.TEMPLATE)
-        created.append("default recipe")
+        template = recipes.TEMPLATE
+        workspace.recipe_path.write_text(template[:template.index("firmware:")] + release.recipe_firmware())
+        created.append("recipe naming the signed release")
     recipe = recipes.load(workspace.recipe_path)
+    images = {part: release.data(part) for part in ("manufacturing", "application")}
+    security: dict[str, DeviceSecurity] = {}
     with Emulator(workspace.devices_dir, TimingModel(time_scale)) as emulator:
-        emulated = emulator.add_new(devices, DeviceOptions(model=recipe.chip))
+        emulated = emulator.add_new(devices, DeviceOptions(model=recipe.chip, images=images))
         ports = [d.port for d in emulated]
         with open_station(workspace, recipe, note=f"demo, {devices} devices") as context, \
                 Display(ports, enabled=show_progress) as display:
             results = run_line(context, ports, display)
+        for device in emulated:
+            boot = device.last_boot
+            security[device.chip_id] = DeviceSecurity(
+                device.efuses.secure_boot_enabled(), device.efuses.flash_encryption_enabled(),
+                dict(boot.phases) if boot and boot.first_boot else {})
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         certs = {}
         for r in results:
@@ -82,7 +120,7 @@ def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: boo
                 certs[r.serial] = live.der
         ledger_problems = ledger.verify()
     problems = verify_chains(workspace, certs)
-    missing = [r for r in results if r.outcome == "provisioned" and r.serial not in certs]
+    missing = [r for r in results if r.outcome in ("provisioned", "secured") and r.serial not in certs]
     problems += [f"device {r.chip_id} has no certificate in the ledger." for r in missing]
     return DemoReport(results, chains_ok=not problems, chain_problems=problems, created=created,
-                      ledger_problems=ledger_problems)
+                      ledger_problems=ledger_problems, security=security)
