@@ -59,7 +59,7 @@ class ApplicationFirmware:
 
     def _spend(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
-        self.timing.sleep(seconds)
+        self.timing.sleep_boot(seconds)
 
     # -- first boot, application half ------------------------------------------------------------
 

@@ -130,7 +130,7 @@ class Boot:
 
     def _spend(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
-        self.timing.sleep(seconds)
+        self.timing.sleep_boot(seconds)
 
     # -- views of the flash ---------------------------------------------------------------------
 

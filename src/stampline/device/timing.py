@@ -22,6 +22,7 @@ BOOT_SECONDS = 0.3
 class TimingModel:
     scale: float = 0.0
     baud: int = 115200
+    boot_scale: float | None = None  # the boot's own scale if not ``scale`` (benchmarks model it without waiting)
 
     def keygen_seconds(self, key_type: int, chip_id: bytes, attempt: int) -> float:
         """A duration within the key type's range, the same for a given chip and attempt."""
@@ -35,3 +36,8 @@ class TimingModel:
     def sleep(self, seconds: float) -> None:
         if self.scale > 0 and seconds > 0:
             time.sleep(seconds * self.scale)
+
+    def sleep_boot(self, seconds: float) -> None:
+        scale = self.scale if self.boot_scale is None else self.boot_scale
+        if scale > 0 and seconds > 0:
+            time.sleep(seconds * scale)
