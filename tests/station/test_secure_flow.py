@@ -177,3 +177,28 @@ def test_images_are_checked_before_anything_is_written(workspace: Workspace, rel
     assert done.returncode == 2
     assert "firmware.application.image" in done.stderr and "Traceback" not in done.stderr
     assert not workspace.ledger_path.exists()
+
+
+def test_esp32s3_locks_with_xts_aes_256(fresh_workspace: Workspace, release, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The second chip: the same line, a 64-byte XTS-AES-256 key born on the chip."""
+    from stampline import release as releases
+
+    ci = Workspace.at(release.files["secure_boot_key"].parent.parent)
+    s3 = releases.build(ci, "esp32s3", tmp_path / "s3-release")
+    fresh_workspace.recipe_path.write_text(secure_recipe(s3).replace("chip: esp32c3", "chip: esp32s3"))
+    with Emulator(fresh_workspace.devices_dir, TimingModel(0)) as emulator:
+        device = emulator.add_new(1, DeviceOptions(model="esp32s3", images={
+            "manufacturing": s3.data("manufacturing"), "application": s3.data("application")}))[0]
+        result = provision(fresh_workspace, [device])[0]
+        assert result.outcome == "secured", result.reason
+        key = device.efuses.read_flash_encryption_key_as_hardware()
+        assert len(key) == 64 and device.efuses.flash_encryption_key_read_protected()
+        raw = device.flash.read(0x0, 0x8000)
+    keyfile = tmp_path / "fe.key"
+    keyfile.write_bytes(key)
+    enc, out = tmp_path / "boot.enc", tmp_path / "boot.bin"
+    bootloader = s3.data("bootloader")
+    enc.write_bytes(raw[:len(bootloader)])
+    subprocess.run([sys.executable, "-m", "espsecure", "decrypt-flash-data", "--aes-xts", "--keyfile", str(keyfile),
+                    "--address", "0x0", "--output", str(out), str(enc)], check=True, capture_output=True)
+    assert out.read_bytes() == bootloader
