@@ -55,3 +55,20 @@ def test_missing_field_and_bad_yaml() -> None:
 def test_version_parsing() -> None:
     assert recipe.parse_version("v1.2.3-rc1") == (1, 2, 3)
     assert recipe.parse_version("1.2") is None and recipe.parse_version("1.2.3\x00") is None
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("namespace: stamp", "namespace: device", "'device' is the manufacturing firmware's own namespace."),
+    ('common_name: "{serial}"', 'common_name: "{serial}-' + "x" * 60 + '"', "renders to"),
+    ("partition: fctry", "partition: nvs", "keeps the stamp in 'fctry'"),
+    ('template: "ACME-{counter:06d}"', 'template: "ACME-{counter:06d}' + "0" * 53 + '"', "gives"),
+])
+def test_recipe_refuses_what_would_fail_on_every_device(old: str, new: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        recipe.parse(recipe.TEMPLATE.replace(old, new, 1), "r.yaml")
+
+
+def test_empty_recipe_is_one_plain_sentence() -> None:
+    with pytest.raises(UsageError) as error:
+        recipe.parse("", "r.yaml")
+    assert str(error.value) == "r.yaml: must be a mapping."

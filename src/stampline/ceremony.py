@@ -25,6 +25,7 @@ from stampline.pki.token import KeyAlgorithm
 from stampline.pki.uri import Pkcs11Uri
 from stampline.workspace import SOFTHSM, StationConfig, Workspace, new_workspace_id
 
+ROOT_TOKEN = "stampline-root"
 ROOT_KEY = "root-ca"
 SUB_KEY = "sub-ca"
 
@@ -35,8 +36,8 @@ class CeremonyOptions:
     station_id: str = "line-1"
     pin_source: str = "sealed"  # sealed | prompt | env:NAME
     key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
-    root_days: int = 7300
-    sub_days: int = 3650
+    root_days: int = 10950  # 30 years: outlives the Sub CA
+    sub_days: int = 9131  # 25 years: outlives the devices' 20-year certificates
 
 
 @dataclass(frozen=True)
@@ -85,19 +86,34 @@ def _check_options(options: CeremonyOptions) -> None:
         raise UsageError("--org must be 1-64 printable characters.")
 
 
+def _pin_source_for(pin_source: str, label: str) -> str:
+    """The offline root's token never shares the station's PIN: ``env:NAME`` means NAME for the
+    station (or signing) token and NAME_ROOT for the root token."""
+    if pin_source.startswith("env:") and label == ROOT_TOKEN:
+        return pin_source + "_ROOT"
+    return pin_source
+
+
 def configure_workspace(workspace: Workspace, station_id: str, keys: dict[str, Pkcs11Uri], pin_source: str,
                         created: list[str]) -> StationConfig:
     """A new workspace configuration whose tokens are SoftHSM2 tokens in the workspace, one per
-    token the keys name, each with its own PIN (from ``pin_source``) and a sealed SO PIN."""
+    token the keys name, each with its own PIN (from ``pin_source``).
+
+    Every PIN is obtained before anything is created. The SO PIN is random; it is kept (sealed)
+    only when the user PINs are sealed too: with PINs from the environment or a prompt, a stolen
+    disk must not hold a way to reset them, so a locked token is re-initialised by a new ceremony."""
+    labels = list(dict.fromkeys(uri.token for uri in keys.values()))
+    sources = {label: _pin_source_for(pin_source, label) for label in labels}
+    pins = {label: _new_pin(sources[label], label) for label in labels}
     workspace_id = new_workspace_id()
     conf = softhsm.write_config(workspace.softhsm_dir)
     tokens: dict[str, dict[str, object]] = {}
-    for label in dict.fromkeys(uri.token for uri in keys.values()):
-        user_pin = _new_pin(pin_source, label)
+    for label in labels:
         so_pin = secrets.token_urlsafe(16)
-        softhsm.init_token(conf, label, so_pin, user_pin)
-        tokens[label] = {"module": SOFTHSM, "pin": _pin_spec(pin_source, workspace_id, label, user_pin),
-                         "so_pin": {"sealed": seal(so_pin, workspace_id, label + "/so")}}
+        softhsm.init_token(conf, label, so_pin, pins[label])
+        tokens[label] = {"module": SOFTHSM, "pin": _pin_spec(sources[label], workspace_id, label, pins[label])}
+        if pin_source == "sealed":
+            tokens[label]["so_pin"] = {"sealed": seal(so_pin, workspace_id, label + "/so")}
         created.append(f"token {label}")
     config = StationConfig(workspace, workspace_id, station_id, tokens, keys)
     config.save()
@@ -110,7 +126,7 @@ def _configure(workspace: Workspace, options: CeremonyOptions, created: list[str
         return workspace.config()
     _check_options(options)
     return configure_workspace(workspace, options.station_id, {
-        "root_ca": Pkcs11Uri(token="stampline-root", object=ROOT_KEY),
+        "root_ca": Pkcs11Uri(token=ROOT_TOKEN, object=ROOT_KEY),
         "sub_ca": Pkcs11Uri(token=f"stampline-{options.station_id}", object=SUB_KEY),
     }, options.pin_source, created)
 

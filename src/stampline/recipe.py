@@ -145,7 +145,7 @@ class _Fields:
         self.where = where
 
     def fail(self, path: str, problem: str) -> UsageError:
-        return UsageError(f"{self.where}: {path}: {problem}")
+        return UsageError(f"{self.where}: {path}: {problem}" if path else f"{self.where}: {problem}")
 
     def mapping(self, raw: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(raw, dict):
@@ -226,13 +226,17 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
     serial_template = f.get(serial, "serial", "template", str,
                             check=lambda v: _template_problem(v, {"counter", "product"}, "counter"))
     serial_start = f.get(serial, "serial", "start", int, 1,
-                         check=lambda v: None if 0 <= v < 10**12 else "must be between 0 and 10^12.")
-    try:
-        sample = _render(serial_template, counter=serial_start, product=name)
-    except (ValueError, KeyError, IndexError):
-        raise f.fail("serial.template", f"'{serial_template}' cannot be formatted with a counter.") from None
-    if not _SERIAL_RE.match(sample):
-        raise f.fail("serial.template", f"gives '{sample}', but a serial must be 1-64 letters, digits, '.', '_' or '-'.")
+                         check=lambda v: None if 0 <= v < 10**12 else "must be between 0 and 999999999999.")
+    samples = []
+    for counter in (serial_start, serial_start + 999_999):  # a million devices later, still a valid serial
+        try:
+            sample = _render(serial_template, counter=counter, product=name)
+        except (ValueError, KeyError, IndexError):
+            raise f.fail("serial.template", f"'{serial_template}' cannot be formatted with a counter.") from None
+        if not _SERIAL_RE.match(sample):
+            raise f.fail("serial.template",
+                         f"gives '{sample}', but a serial must be 1-64 letters, digits, '.', '_' or '-'.")
+        samples.append(sample)
 
     subject_raw = f.mapping(f.get(top, "", "subject", dict, {"common_name": "{serial}"}), "subject",
                             ("common_name", "organization", "organizational_unit", "country"))
@@ -246,6 +250,11 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
         raise f.fail("subject.common_name", "is required.")
     if "country" in subject and not re.match(r"^[A-Z]{2}$", subject["country"]):
         raise f.fail("subject.country", "must be a two-letter ISO 3166 code such as DE.")
+    for attr, tmpl in subject.items():
+        longest = max(len(_render(tmpl, serial=sample, product=name, organization=organization).encode())
+                      for sample in samples)
+        if longest > 64:
+            raise f.fail(f"subject.{attr}", f"renders to {longest} bytes; a certificate name attribute holds 64.")
 
     cert = f.mapping(f.get(top, "", "certificate", dict, {}), "certificate", ("validity_days",))
     validity = f.get(cert, "certificate", "validity_days", int, 7300,
@@ -253,8 +262,10 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
 
     nvs = f.mapping(f.get(top, "", "nvs", dict), "nvs", ("partition", "namespace", "keys"))
     nvs_name_check = (lambda v: None if _NVS_KEY_RE.match(v) else f"'{v}' must be 1-15 letters, digits or '_' (an NVS limit).")
-    partition = f.get(nvs, "nvs", "partition", str, "fctry", check=nvs_name_check)
-    namespace = f.get(nvs, "nvs", "namespace", str, check=nvs_name_check)
+    partition = f.get(nvs, "nvs", "partition", str, "fctry", check=lambda v: None if v == "fctry" else
+                      "the reference manufacturing firmware keeps the stamp in 'fctry' (first boot moves it).")
+    namespace = f.get(nvs, "nvs", "namespace", str, check=lambda v: nvs_name_check(v) or (
+        "'device' is the manufacturing firmware's own namespace." if v == "device" else None))
     keys_raw = f.mapping(f.get(nvs, "nvs", "keys", dict), "nvs.keys", NVS_STAMP_KEYS)
     nvs_keys = {k: f.get(keys_raw, "nvs.keys", k, str, check=nvs_name_check)
                 for k in ("serial", "endpoint", "certificate")}

@@ -126,8 +126,10 @@ class StationConfig:
     def save(self) -> None:
         path = self.workspace.config_path
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("# stampline station configuration: no secret is stored here in plain text.\n"
-                       + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# stampline station configuration: no secret is stored here in plain text.\n"
+                    + yaml.safe_dump(self.to_dict(), sort_keys=False))
         os.replace(tmp, path)
 
     def token(self, label: str) -> Token:

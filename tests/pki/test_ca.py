@@ -108,11 +108,15 @@ def test_pins_never_reach_argv(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(subprocess, "run", spy)
     monkeypatch.setenv("NEW_PIN", "pin-4-test-9876")
+    monkeypatch.setenv("NEW_PIN_ROOT", "root-pin-5432")
     workspace = Workspace.at(tmp_path / "w", create=True)
     ceremony.init(workspace, ceremony.CeremonyOptions(pin_source="env:NEW_PIN"))
     assert seen, "the ceremony initialises tokens with pkcs11-tool"
-    assert not any("pin-4-test-9876" in arg for argv in seen for arg in argv)
-    assert "pin-4-test-9876" not in workspace.config_path.read_text()
+    assert not any(pin in arg for argv in seen for arg in argv for pin in ("pin-4-test-9876", "root-pin-5432"))
+    config_text = workspace.config_path.read_text()
+    assert "pin-4-test-9876" not in config_text and "root-pin-5432" not in config_text
+    assert "NEW_PIN_ROOT" in config_text and "so_pin" not in config_text  # no reset path left on disk
+    assert workspace.config_path.stat().st_mode & 0o077 == 0
     # and the configuration names the variable, so the station can log in with it
     token, _ = workspace.config().key_token("sub_ca")
     token.login()

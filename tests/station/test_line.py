@@ -221,3 +221,16 @@ def test_rsa_2048_device_key(workspace: Workspace, emulator: Emulator) -> None:
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         cert = x509.load_der_x509_certificate(ledger.live_certificate(device.chip_id).der)  # type: ignore[union-attr]
     assert cert.public_key().key_size == 2048  # type: ignore[union-attr]
+
+
+def test_interrupted_rework_is_finished_only_on_the_operators_word(workspace: Workspace, emulator: Emulator) -> None:
+    device = emulator.add_new(1, DeviceOptions())[0]
+    assert provision(workspace, [device])[0].outcome == "provisioned"
+    with Ledger(workspace.ledger_path) as ledger:  # a rework stopped right after the revocation
+        ledger.revoke(ledger.live_certificate(device.chip_id).cert_serial, "rework")  # type: ignore[union-attr]
+    refused = provision(workspace, [device])[0]
+    assert refused.outcome == "failed" and "run with --rework" in refused.reason
+    reworked = provision(workspace, [device], rework=True)[0]
+    assert reworked.outcome == "provisioned", reworked.reason
+    with Ledger.open_readonly(workspace.ledger_path) as ledger:
+        assert ledger.live_certificate(device.chip_id) is not None and ledger.verify() == []

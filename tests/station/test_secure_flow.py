@@ -202,3 +202,17 @@ def test_esp32s3_locks_with_xts_aes_256(fresh_workspace: Workspace, release, tmp
     subprocess.run([sys.executable, "-m", "espsecure", "decrypt-flash-data", "--aes-xts", "--keyfile", str(keyfile),
                     "--address", "0x0", "--output", str(out), str(enc)], check=True, capture_output=True)
     assert out.read_bytes() == bootloader
+
+
+def test_secured_device_is_recognised_and_never_reworked(workspace: Workspace, emulator: Emulator, release) -> None:  # type: ignore[no-untyped-def]
+    device = emulator.add_new(1, signed_options(release))[0]
+    assert provision(workspace, [device])[0].outcome == "secured"
+    recipe = recipes.parse(workspace.recipe_path.read_text())
+    with open_station(workspace, recipe, rework=True) as context:
+        refused = run_line(context, [device.port])[0]
+    assert refused.outcome == "failed" and "secured" in refused.reason
+    again = provision(workspace, [device])[0]
+    assert again.outcome == "already-provisioned", again.reason
+    with Ledger.open_readonly(workspace.ledger_path) as ledger:
+        assert ledger.device(device.chip_id).state == "secured"  # type: ignore[union-attr]
+        assert len(ledger.certificates()) == 1 and ledger.verify() == []

@@ -26,8 +26,8 @@ def register(groups: Any) -> None:
     init.add_argument("--pin-source", default="sealed", metavar="SOURCE",
                       help="where token PINs come from: sealed (default), prompt, env:NAME")
     init.add_argument("--key-type", default="ec-p256", choices=[a.value for a in KeyAlgorithm if a != KeyAlgorithm.RSA_2048])
-    init.add_argument("--root-days", type=positive_int, default=7300)
-    init.add_argument("--sub-days", type=positive_int, default=3650)
+    init.add_argument("--root-days", type=positive_int, default=10950)
+    init.add_argument("--sub-days", type=positive_int, default=9131)
     add_json(init)
     init.set_defaults(run=run_init)
 

@@ -35,13 +35,14 @@ def run_export(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     with Ledger.open_readonly(Workspace.at(args.workdir).ledger_path) as ledger:
         problems = ledger.verify()
-        seq, _ = ledger.head()
+        seq, head = ledger.head()
     if args.json:
-        emit_json({"ok": not problems, "records": seq, "problems": problems})
+        emit_json({"ok": not problems, "records": seq, "head": head, "problems": problems})
     elif problems:
         for problem in problems:
             print(problem, file=sys.stderr)
         print(f"the ledger fails verification: {len(problems)} problem(s).", file=sys.stderr)
     else:
         print(f"ledger verified: {seq} audit records, chain and records consistent.")
+        print(f"head {head} (publish it elsewhere: a rewritten chain would have another head)")
     return 1 if problems else 0

@@ -8,6 +8,7 @@ from typing import Any
 
 from stampline import recipe as recipes
 from stampline.cli.common import add_json, add_workdir, emit_json, positive_int
+from stampline.errors import UsageError
 from stampline.station.line import Display, open_station, run_line
 from stampline.workspace import Workspace
 
@@ -30,6 +31,8 @@ def register(groups: Any) -> None:
 
 
 def run_station(args: argparse.Namespace) -> int:
+    if len(set(args.port)) != len(args.port):
+        raise UsageError("a port is named twice.")
     workspace = Workspace.at(args.workdir)
     recipe = recipes.load(args.recipe or workspace.recipe_path)
     with open_station(workspace, recipe, rework=args.rework) as context, \
@@ -39,6 +42,7 @@ def run_station(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"batch": context.batch_id, "devices": [r.to_dict() for r in results],
                    "provisioned": sum(r.outcome == "provisioned" for r in results),
+                   "secured": sum(r.outcome == "secured" for r in results),
                    "already_provisioned": sum(r.outcome == "already-provisioned" for r in results),
                    "failed": len(failed)})
     else:

@@ -258,7 +258,17 @@ class Token:
         return owner().call(generate)
 
     def public_key(self, label: str) -> PublicKey:
-        return owner().call(lambda st: _to_public_key(st.key(self.spec, label, ObjectClass.PUBLIC_KEY)))
+        """The public half of the private key ``label``: found by the private key's CKA_ID, as
+        tokens label the halves differently (a YubiKey's PIV public keys are 'Public key for ...')."""
+        def find(st: _State) -> PublicKey:
+            private = st.key(self.spec, label, ObjectClass.PRIVATE_KEY)
+            try:
+                key_id = private[Attribute.ID]
+                public = st.session(self.spec).get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id)
+            except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned, pkcs11.AttributeTypeInvalid):
+                public = st.key(self.spec, label, ObjectClass.PUBLIC_KEY)
+            return _to_public_key(public)
+        return owner().call(find)
 
     def private_key_attributes(self, label: str) -> dict[str, bool]:
         """The protection attributes of a private key, as the token reports them."""

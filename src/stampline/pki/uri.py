@@ -11,9 +11,7 @@ from urllib.parse import quote, unquote
 
 from stampline.errors import UsageError
 
-_PATH_ATTRS = {"token", "object", "id", "manufacturer", "model", "serial", "type",
-               "library-manufacturer", "library-description", "library-version", "slot-description",
-               "slot-manufacturer", "slot-id"}
+_PATH_ATTRS = {"token", "object", "type"}  # the token's module comes from configuration, never the URI
 _SAFE = "-._~:[]@!$'()*+,="  # pk11-pchar of RFC 7512 section 2.3
 
 
@@ -34,7 +32,8 @@ class Pkcs11Uri:
         for part in filter(None, path.split(";")):
             name, eq, value = part.partition("=")
             if not eq or name not in _PATH_ATTRS:
-                raise UsageError(f"the PKCS#11 URI attribute '{_shown(name)}' is not supported.")
+                raise UsageError(f"the PKCS#11 URI attribute '{_shown(name)}' is not supported "
+                                 "(stampline names keys by token and object).")
             if name in attrs:
                 raise UsageError(f"the PKCS#11 URI names '{name}' twice.")
             attrs[name] = unquote(value, errors="strict")

@@ -92,8 +92,8 @@ def _check(recipe: Recipe, part: str, path: Path, digest: str, key: secure_boot.
         if info.app is None:
             raise UsageError(f"{where}: {path.name} is not an app image.")
         version, secure_version = info.app.version, info.app.secure_version
-        parsed = parse_version(version)
-        if parsed is None or parsed < recipe.firmware[part].min_version:
+        if parse_version(version) is None or \
+                esp_image.compare_versions(version, recipe.firmware[part].min_version_text) < 0:
             raise UsageError(f"{where}: {path.name} is version {version}, below the recipe's minimum "
                              f"{recipe.firmware[part].min_version_text}.")
     return CheckedImage(part, data, zlib.compress(data, 9), version, secure_version)

@@ -24,6 +24,7 @@ from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.protocol import messages as m
 from stampline.protocol.link import Link, LinkTimeout
 from stampline.protocol.wire import ProtocolError
+from stampline.firmware.image import compare_versions
 from stampline.recipe import Recipe, parse_version
 from stampline.station.firmware_set import CheckedImage, FirmwareSet
 from stampline.station.ledger import DeviceState, Ledger
@@ -31,6 +32,7 @@ from stampline.station.ledger import DeviceState, Ledger
 KEY_TYPES = {"ec-p256": m.KeyType.EC_P256, "rsa-2048": m.KeyType.RSA_2048, "rsa-3072": m.KeyType.RSA_3072}
 # Longest a key generation may take, keep-alives included (the device sends BUSY meanwhile).
 KEYGEN_HARD_TIMEOUT = {"ec-p256": 10.0, "rsa-2048": 60.0, "rsa-3072": 240.0}
+DONE_STATES = (DeviceState.PROVISIONED.value, DeviceState.LOCKING.value, DeviceState.SECURED.value)
 BOOT_TIMEOUT = 30.0  # a reboot into firmware that is already there
 FIRST_BOOT_TIMEOUT = 600.0  # the first boot encrypts the flash in place: about a minute on a real chip
 
@@ -103,6 +105,9 @@ class Flow:
         outcome, detail = "ok", ""
         try:
             return action()
+        except DeviceFailed:
+            outcome = "failed"
+            raise
         except CsrRefused as refused:
             outcome, detail = "failed", str(refused)
             self.ctx.ledger.record_refusal(r.chip_id, self.ctx.batch_id, r.serial or None, name, str(refused),
@@ -121,15 +126,26 @@ class Flow:
         r = self.result
         begin = time.perf_counter()
         try:
-            self._run()
+            try:
+                self._run()
+            except DeviceFailed:
+                raise
+            except StamplineError as exc:  # outside any step: charge it to the step the device was at
+                raise DeviceFailed(r.step or "start", str(exc)) from None
         except DeviceFailed as failed:
             r.outcome, r.step, r.reason = "failed", failed.step, str(failed)
-            if r.chip_id:
+            if r.chip_id and not self._finished_before():
                 self.ctx.ledger.set_state(r.chip_id, DeviceState.FAILED, f"{failed.step}: {failed}")
         finally:
             r.elapsed = time.perf_counter() - begin
             self._progress(r.port, r.chip_id, r.serial, r.outcome)
         return r
+
+    def _finished_before(self) -> bool:
+        """A device this station had provisioned keeps that state when a later run fails on it
+        (a refused rework, say): its failure is in the step journal, its record stays true."""
+        previous = getattr(self, "_previous", None)
+        return previous is not None and previous.state in DONE_STATES
 
     # -- the flow ---------------------------------------------------------------------------
 
@@ -139,8 +155,9 @@ class Flow:
         assert isinstance(hello, m.HelloReply)
         live = ledger.live_certificate(r.chip_id)
         record = self._previous
-        done_states = (DeviceState.PROVISIONED.value, DeviceState.LOCKING.value, DeviceState.SECURED.value)
-        if live is not None and not self.ctx.rework and record is not None and record.state in done_states \
+        if hello.state & m.StateFlag.SECURED and (self.ctx.rework or live is None):
+            raise DeviceFailed("identify", "the device is secured: its stamp cannot be reworked or replaced at a station.")
+        if live is not None and not self.ctx.rework and record is not None and record.state in DONE_STATES \
                 and hello.state & m.StateFlag.STAMP_DONE:
             r.serial = record.serial or ""
             if self.ctx.firmware.secure and not hello.state & m.StateFlag.SECURED:
@@ -154,12 +171,23 @@ class Flow:
             ledger.record_step(r.chip_id, self.ctx.batch_id, "recognise", time.time(), 0.0, "skipped",
                                "already provisioned by this station; not issued again")
             return
-        hello = self._step("check_firmware", lambda: self._check_firmware(hello))  # type: ignore[assignment]
+        plan = self._step("check_firmware", lambda: self._firmware_plan(hello))
+        for part, image in plan:  # type: ignore[attr-defined]
+            hello = self._flash_firmware(part, image)
+        if self.ctx.firmware.secure:
+            self._ensure_application(self.ctx.firmware.images["application"])
         if live is not None and not self.ctx.rework:
             cert_der = self._resume_with(live.der, record.serial if record else None)
         else:
             if live is not None:
                 self._step("revoke_previous", lambda: ledger.revoke(live.cert_serial, "rework"))
+                ledger.set_state(r.chip_id, DeviceState.REWORKED, f"revoked {live.cert_serial}")
+            if hello.state & m.StateFlag.CERT_PRESENT:
+                # a certificate this ledger does not hold live: revoked in an interrupted rework,
+                # or from another station. Only the operator's --rework may erase it.
+                if not self.ctx.rework:
+                    raise DeviceFailed("identify", "the device holds a certificate that is not live in this ledger; "
+                                                   "run with --rework to erase its stamp and provision it again.")
                 self._step("erase_stamp", lambda: self.link.request(m.Erase(), timeout=5.0))
             serial = self._step("allocate_serial", self._allocate_serial)
             assert isinstance(serial, str)
@@ -194,14 +222,15 @@ class Flow:
             raise StamplineError(f"the device is an {_shown(hello.chip_model)}, but the recipe is for {self.recipe.chip}.")
         return hello
 
-    def _check_firmware(self, hello: m.HelloReply) -> m.HelloReply:
-        """Versions against the recipe's minimums; an older image is replaced by the recipe's own."""
+    def _firmware_plan(self, hello: m.HelloReply) -> list[tuple[str, CheckedImage]]:
+        """Versions against the recipe's minimums: what must be flashed (the recipe's own images)."""
         firmware = self.ctx.firmware
+        plan = []
         for part, reported in (("manufacturing", hello.mfg_fw_version), ("application", hello.app_fw_version)):
             rule = self.recipe.firmware[part]
             version = parse_version(reported)
             image = firmware.images.get(part)
-            if version is not None and version >= rule.min_version:
+            if version is not None and compare_versions(reported, rule.min_version_text) >= 0:
                 continue
             shown = _shown(reported) if reported else "missing"
             if image is None:
@@ -209,32 +238,39 @@ class Flow:
                     raise StamplineError(f"the device reports an unreadable {part} firmware version '{shown}'.")
                 raise StamplineError(f"the device's {part} firmware {shown} is below the recipe's minimum "
                                      f"{rule.min_version_text}, and the recipe names no image to flash.")
-            hello = self._flash_firmware(part, image)
-        if firmware.secure:
-            self._ensure_application(firmware.images["application"])
-        return hello
+            plan.append((part, image))
+        return plan
 
     def _flash_firmware(self, part: str, image: CheckedImage) -> m.HelloReply:
         table = self.ctx.firmware.table
         if part == "application":
             self._flash("flash_application", table.find("ota_0").offset, image)
-            hello = self.link.request(m.Hello(), timeout=3.0)
         else:
             # the running factory app cannot overwrite itself: the new one goes to ota_1 and starts from there
             self._flash("flash_manufacturing", table.find("ota_1").offset, image)
-            self.link.request(m.SetBoot("ota_1"), timeout=3.0)
-            self.link.request(m.Reboot(), timeout=3.0)
-            hello = self._await_boot(self.ctx.boot_timeout)
-        reported = hello.mfg_fw_version if part == "manufacturing" else hello.app_fw_version
-        if reported != image.version:
-            raise StamplineError(f"after flashing, the device reports {part} firmware '{_shown(reported)}', "
-                                 f"not {image.version}.")
+
+        def restart() -> m.HelloReply:
+            if part == "application":
+                hello = self.link.request(m.Hello(), timeout=3.0)
+            else:
+                self.link.request(m.SetBoot("ota_1"), timeout=3.0)
+                self.link.request(m.Reboot(), timeout=3.0)
+                hello = self._await_boot(self.ctx.boot_timeout)
+            reported = hello.mfg_fw_version if part == "manufacturing" else hello.app_fw_version
+            if reported != image.version:
+                raise StamplineError(f"after flashing, the device reports {part} firmware '{_shown(reported)}', "
+                                     f"not {image.version}.")
+            return hello
+        hello = self._step(f"check_{part}", restart)
+        assert isinstance(hello, m.HelloReply)
         return hello
 
     def _ensure_application(self, image: CheckedImage) -> None:
         """Before the lock the device must hold exactly the recipe's signed application in ota_0."""
         offset = self.ctx.firmware.table.find("ota_0").offset
-        if self.link.request(m.FlashHash(offset, len(image.data)), timeout=10.0).sha256 != image.sha256:
+        held = self._step("check_application", lambda: self.link.request(m.FlashHash(offset, len(image.data)),
+                                                                         timeout=10.0).sha256)
+        if held != image.sha256:
             self._flash("flash_application", offset, image)
 
     def _flash(self, step: str, address: int, image: CheckedImage) -> None:
