@@ -16,6 +16,7 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python bench/issuance.py
+	$(VENV)/bin/python bench/line_time.py
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache
