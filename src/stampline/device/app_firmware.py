@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from stampline.device.boot import SECTOR, BootHalted, verify_with_digests
 from stampline.device.chip import ChipIdentity, Flash
@@ -32,6 +32,9 @@ from stampline.protocol.server import DeviceFault
 NVS_SECONDS = 0.25  # generate keys, write and verify the encrypted NVS
 ERASE_SECONDS_PER_SECTOR = 0.025
 OWN_NAMESPACE = "device"
+
+if TYPE_CHECKING:
+    from stampline.device.cloud_client import CloudClient
 
 
 class OtaRefused(StamplineError):
@@ -161,6 +164,26 @@ class ApplicationFirmware:
             if isinstance(request, m.Status):
                 return m.StatusReply(state=self.state(), last_error=m.ErrorCode.LOCKED)
             raise DeviceFault(m.ErrorCode.LOCKED, "the application does not speak the manufacturing protocol")
+
+    # -- the cloud ------------------------------------------------------------------------------------
+
+    def connect_cloud(self, trust_pem: bytes) -> "CloudClient | None":
+        """Connect to the endpoint of the stamp (reference layout: the certificate's namespace holds
+        serial, endpoint and ca_cert); None when the device holds no complete stamp."""
+        from stampline.device.cloud_client import CloudClient, tls_context
+
+        stamp = self.stamp()
+        location = stamp.get((OWN_NAMESPACE, "cert_loc"), ("", ""))[1]
+        private = stamp.get((OWN_NAMESPACE, "priv_key"), ("", b""))[1]
+        if not isinstance(location, str) or "/" not in location or not isinstance(private, bytes) or not private:
+            return None
+        namespace, cert_key = location.split("/", 1)
+        values = {name: stamp.get((namespace, key), ("", None))[1]
+                  for name, key in (("cert", cert_key), ("ca", "ca_cert"), ("serial", "serial"), ("endpoint", "endpoint"))}
+        if not all(values.values()):
+            return None
+        context = tls_context(values["cert"], values["ca"], private, trust_pem)  # type: ignore[arg-type]
+        return CloudClient(str(values["serial"]), str(values["endpoint"]), context).start()
 
     # -- OTA ----------------------------------------------------------------------------------------
 

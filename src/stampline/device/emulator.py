@@ -20,6 +20,7 @@ from stampline.device import chip
 from stampline.device.app_firmware import ApplicationFirmware
 from stampline.device.boot import Boot, BootHalted, BootResult, Checkpoints, PowerCut
 from stampline.device.chip import ChipIdentity, Flash
+from stampline.device.cloud_client import CloudClient
 from stampline.device.efuse import Efuses
 from stampline.device.mfg_firmware import ManufacturingFirmware
 from stampline.device.timing import TimingModel
@@ -57,7 +58,8 @@ class EmulatedDevice:
     bootloader, first boot where due, then the manufacturing firmware or the application."""
 
     def __init__(self, devices_root: Path, chip_id: str, timing: TimingModel,
-                 tap: Callable[[str, bytes], None] | None = None, power_on: bool = True) -> None:
+                 tap: Callable[[str, bytes], None] | None = None, power_on: bool = True,
+                 cloud_trust: bytes | None = None) -> None:
         self.directory = chip.device_dir(devices_root, chip_id)
         self.identity = chip.load_identity(self.directory)
         self.flash = Flash(self.directory / "flash.bin")
@@ -66,6 +68,8 @@ class EmulatedDevice:
         self.handler: ManufacturingFirmware | ApplicationFirmware | None = None
         self.halted = ""
         self.last_boot: BootResult | None = None
+        self.cloud_trust = cloud_trust  # the endpoint's CA, as compiled into the application
+        self.cloud: CloudClient | None = None
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         self.port = os.ttyname(self._slave)
@@ -99,6 +103,7 @@ class EmulatedDevice:
         Returns the checkpoints passed; a cut leaves the device off (no firmware running)."""
         checkpoints = Checkpoints(cut_at)
         with self._boot_lock:
+            self._stop_cloud()
             self.handler, self.halted = None, ""
             try:
                 result = Boot(self.identity, self.flash, self.efuses, self.timing, checkpoints).run()
@@ -110,6 +115,8 @@ class EmulatedDevice:
                                               result.partition, self.timing, checkpoints)
                     result.phases.update(app.start())
                     self.handler = app
+                    if self.cloud_trust is not None and app.secured:
+                        self.cloud = app.connect_cloud(self.cloud_trust)
                 self.last_boot = result
                 self._log_boot(result, checkpoints)
             except PowerCut as cut:
@@ -120,6 +127,11 @@ class EmulatedDevice:
             finally:
                 self.flash.flush()
         return checkpoints
+
+    def _stop_cloud(self) -> None:
+        if self.cloud is not None:
+            self.cloud.stop()
+            self.cloud = None
 
     def reboot(self) -> None:
         """REBOOT from the firmware: boot again once the reply has left."""
@@ -166,6 +178,7 @@ class EmulatedDevice:
             view = view[os.write(self._master, view):]
 
     def stop(self) -> None:
+        self._stop_cloud()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2)
@@ -187,9 +200,10 @@ def existing_devices(devices_root: Path) -> list[str]:
 class Emulator:
     """A set of running devices."""
 
-    def __init__(self, devices_root: Path, timing: TimingModel) -> None:
+    def __init__(self, devices_root: Path, timing: TimingModel, cloud_trust: bytes | None = None) -> None:
         self.devices_root = devices_root
         self.timing = timing
+        self.cloud_trust = cloud_trust
         self.devices: list[EmulatedDevice] = []
 
     def add_new(self, count: int, options: DeviceOptions) -> list[EmulatedDevice]:
@@ -198,7 +212,7 @@ class Emulator:
     def attach(self, chip_id: str, tap: Callable[[str, bytes], None] | None = None) -> EmulatedDevice:
         if chip_id not in existing_devices(self.devices_root):
             raise StamplineError(f"there is no emulated device {chip_id} in {self.devices_root}.")
-        device = EmulatedDevice(self.devices_root, chip_id, self.timing, tap).start()
+        device = EmulatedDevice(self.devices_root, chip_id, self.timing, tap, cloud_trust=self.cloud_trust).start()
         self.devices.append(device)
         return device
 

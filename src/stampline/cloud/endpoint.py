@@ -1,0 +1,205 @@
+"""The local IoT endpoint: bring it up and down, register a CA, take in a ledger export, revoke.
+
+``up`` starts Mosquitto and the registration service as background processes (pid files in the
+endpoint directory) and returns when devices can connect; ``down`` stops both.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from stampline import ceremony
+from stampline.cloud import broker, jitr
+from stampline.cloud.registry import REVOKED, DeviceEntry, Registry
+from stampline.cloud.verification import verification_certificate
+from stampline.errors import StamplineError, UsageError
+from stampline.station.ledger import Ledger
+from stampline.workspace import Workspace
+
+DEFAULT_PORT = 8883
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    host: str
+    port: int
+    ca_file: str
+    running: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "ca_file": self.ca_file, "running": self.running}
+
+
+class Endpoint:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.files = broker.EndpointFiles(self.workdir)
+
+    def registry(self) -> Registry:
+        if not self.files.exists:
+            raise UsageError(f"{self.workdir} holds no endpoint; run 'stampline endpoint up --workdir {self.workdir}'.")
+        return Registry(self.files.path("registry.sqlite"))
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def up(self, port: int = DEFAULT_PORT) -> EndpointInfo:
+        if broker.running(self.files, "service.pid"):
+            return self.info()
+        if not 1 <= port <= 65535:
+            raise UsageError("--port must be between 1 and 65535.")
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise StamplineError(f"port {port} on 127.0.0.1 is in use; choose another with --port.") from None
+        self.files.create(port)
+        Registry(self.files.path("registry.sqlite")).close()
+        self._refresh_trust()
+        broker.start_mosquitto(self.files)
+        log = open(self.files.path("service.log"), "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "stampline.cli.main", "endpoint", "serve",
+                                 "--workdir", str(self.workdir)], stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                broker.stop_pid(self.files, "mosquitto.pid")
+                raise StamplineError(f"the registration service did not start; see {self.files.path('service.log')}.")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    self.files.path("service.pid").write_text(str(proc.pid))
+                    return self.info()
+            except OSError:
+                time.sleep(0.05)
+        proc.kill()
+        broker.stop_pid(self.files, "mosquitto.pid")
+        raise StamplineError("the registration service did not open its port within 15 s.")
+
+    def down(self) -> bool:
+        stopped = broker.stop_pid(self.files, "service.pid")
+        return broker.stop_pid(self.files, "mosquitto.pid") or stopped
+
+    def info(self) -> EndpointInfo:
+        ports = self.files.ports()
+        return EndpointInfo("127.0.0.1", ports.public, str(self.files.path("server-ca.pem")),
+                            broker.running(self.files, "service.pid") and broker.running(self.files, "mosquitto.pid"))
+
+    def _refresh_trust(self) -> None:
+        """Trust bundle = each registered CA with the chain stored beside it; restart Mosquitto if running."""
+        chains = []
+        for path in sorted(self.files.dir.glob("ca-*.pem")):
+            chains.append(x509.load_pem_x509_certificates(path.read_bytes()))
+        self.files.write_trust(chains)
+        self.files.write_config(self.files.ports())
+
+    def _restart_broker(self) -> None:
+        if broker.running(self.files, "mosquitto.pid"):
+            broker.stop_pid(self.files, "mosquitto.pid")
+            broker.start_mosquitto(self.files)
+
+    # -- CAs, exports, revocation ---------------------------------------------------------------
+
+    def register_ca(self, station: Workspace) -> str:
+        """Register the station's Sub CA with proof of possession (the verification certificate is
+        signed through the station token), with its chain and its current CRL."""
+        registry = self.registry()
+        try:
+            sub, root = ceremony.load_sub(station), ceremony.load_root(station)
+            token, label = station.config().key_token("sub_ca")
+            code = registry.registration_code()
+            verification = verification_certificate(sub, token.signer(label), code)
+            ca_id = registry.register_ca(sub, verification)
+        finally:
+            registry.close()
+        (self.files.dir / f"ca-{ca_id[:16]}.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in (root, sub)))
+        crl = ceremony.issue_crl(station, []) if not station.crl_path.exists() else \
+            x509.load_pem_x509_crl(station.crl_path.read_bytes())
+        self._merge_crl(crl)
+        self._refresh_trust()
+        self._restart_broker()
+        return ca_id
+
+    def _merge_crl(self, crl: x509.CertificateRevocationList) -> None:
+        others = [c for c in self.files.crls() if c.issuer != crl.issuer]
+        self.files.write_crl(others + [crl])
+
+    def update_crl(self, crl_pem: bytes) -> int:
+        """Take a new CRL (Mosquitto rereads it on SIGHUP) and revoke what it lists; returns revocations."""
+        try:
+            crl = x509.load_pem_x509_crl(crl_pem)
+        except ValueError:
+            raise UsageError("the CRL is not a PEM X.509 CRL.") from None
+        registry = self.registry()
+        try:
+            issuers = {ca.subject: ca for ca in registry.cas()}
+            ca = issuers.get(crl.issuer)
+            if ca is None or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+                raise StamplineError("the CRL is not signed by a CA registered at this endpoint.")
+            self._merge_crl(crl)
+            if not self.files.path("mosquitto.conf").read_text().count("crlfile"):
+                self.files.write_config(self.files.ports())
+                self._restart_broker()
+            else:
+                broker.reload_mosquitto(self.files)
+            revoked = 0
+            for device in registry.devices():
+                if device.state != REVOKED:
+                    cert = x509.load_pem_x509_certificate(registry.pem(device.cert_id).encode())  # type: ignore[union-attr]
+                    if jitr.revoked_by(cert, [crl]):
+                        registry.set_state(device.cert_id, REVOKED, "listed in the CA's CRL")
+                        revoked += 1
+            return revoked
+        finally:
+            registry.close()
+
+    def import_ledger(self, station: Workspace) -> tuple[int, int]:
+        """Take the station's ledger export; returns (new certificates, pending ones now activated)."""
+        with Ledger.open_readonly(station.ledger_path) as ledger:
+            rows = list(ledger.export())
+        registry = self.registry()
+        try:
+            added = registry.import_export(rows, source=str(station.root))
+            return added, jitr.reconsider_pending(registry, self.files.crls())
+        finally:
+            registry.close()
+
+    def revoke(self, serial: str) -> list[str]:
+        registry = self.registry()
+        try:
+            found = [d for d in registry.by_serial(serial) if d.state != REVOKED]
+            if not found:
+                raise StamplineError(f"no live certificate of '{serial}' is known to this endpoint.")
+            for device in found:
+                registry.set_state(device.cert_id, REVOKED, "revoked by the operator")
+            return [d.cert_id for d in found]
+        finally:
+            registry.close()
+
+    def devices(self) -> list[DeviceEntry]:
+        registry = self.registry()
+        try:
+            return registry.devices()
+        finally:
+            registry.close()
+
+
+def serve(workdir: Path) -> None:
+    """Run the registration service in the foreground (``endpoint up`` starts it in the background)."""
+    import asyncio
+    import signal
+
+    from stampline.cloud.service import RegistrationService
+
+    service = RegistrationService(Path(workdir))
+    loop = asyncio.new_event_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    loop.run_until_complete(service.serve())
