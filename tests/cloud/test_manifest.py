@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from conftest import run_cli
 from stampline import recipe as recipes
 from stampline.cli import main as cli_main, manifest_cmd
 from stampline.cloud import manifest as mf
@@ -318,7 +319,6 @@ def test_interrupted_import_resumes_without_registering_twice(built: Built, tmp_
 
 def test_torn_progress_line_is_cut_and_that_entry_registered_again(built: Built, tmp_path: Path) -> None:
     progress, key = tmp_path / "progress.jsonl", mf.load_public_key(built.pubkey)
-    mf.import_manifest(built.manifest, key, MemoryRegistrar(fail_on_call=2), progress) if False else None
     with pytest.raises(StamplineError):
         mf.import_manifest(built.manifest, key, MemoryRegistrar(fail_on_call=2), progress)
     with progress.open("a") as f:
@@ -398,17 +398,46 @@ def test_cli_reports_each_bad_entry(built: Built, tmp_path: Path, cli: Callable[
 
 @pytest.mark.parametrize("args, words", [
     (("manifest", "verify", "{m}", "--pubkey", "{missing}"), "cannot read the public key"),
-    (("manifest", "verify", "{m}", "--pubkey", "{m}"), "neither a PEM public key nor a JWK"),
+    (("manifest", "verify", "{m}", "--pubkey", "{ca}"), "neither a PEM public key nor a JWK"),
+    (("manifest", "verify", "{m}", "--pubkey", "{m}"), "not a valid EC P-256 JWK"),
     (("manifest", "verify", "{missing}", "--pubkey", "{pub}"), "cannot read the manifest"),
     (("manifest", "verify", "{m}", "--pubkey", "{pub}", "--ca", "{m}"), "not a well-formed X.509 certificate"),
     (("manifest", "export", "--workdir", "{ws}", "--out", "{out}", "--batch", "0"), "must be at least 1"),
     (("manifest", "export", "--workdir", "{missing}", "--out", "{out}"), "there is no workspace"),
-    (("manifest", "import", "{m}", "--pubkey", "{pub}"), "no registrar is configured"),
+    (("manifest", "import", "{m}", "--pubkey", "{pub}"), "choose where to import"),
 ])
 def test_cli_bad_input_is_one_sentence(built: Built, tmp_path: Path, cli: Callable[..., tuple[int, str, str]],
                                        args: tuple[str, ...], words: str) -> None:
     values = {"m": str(built.manifest), "pub": str(built.pubkey), "missing": str(tmp_path / "nope"),
-              "ws": str(built.workspace.root), "out": str(tmp_path / "o.json")}
+              "ws": str(built.workspace.root), "ca": str(built.workspace.sub_cert_path), "out": str(tmp_path / "o.json")}
     code, stdout, err = cli(*(a.format(**values) for a in args))
     assert code != 0 and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_import_into_the_local_endpoint_registry(tmp_path: Path, built: Built) -> None:
+    """The CLI wiring: `manifest import --local-endpoint` registers every entry with the endpoint's registry."""
+    from stampline import ceremony
+    from stampline.cloud.endpoint import Endpoint
+    from stampline.cloud.verification import verification_certificate
+
+    ledger_ws, out, pub = built.workspace, built.manifest, built.pubkey
+    endpoint = Endpoint(tmp_path / "cloud")
+    endpoint.files.create(free_port_for_test())
+    registry = endpoint.registry()
+    try:
+        token, label = ledger_ws.config().key_token("sub_ca")
+        sub = ceremony.load_sub(ledger_ws)
+        registry.register_ca(sub, verification_certificate(sub, token.signer(label), registry.registration_code()))
+    finally:
+        registry.close()
+    done = run_cli("manifest", "import", str(out), "--pubkey", str(pub), "--local-endpoint",
+                   "--workdir", str(tmp_path / "cloud"), "--progress", str(tmp_path / "p.jsonl"))
+    assert done.returncode == 0, done.stderr
+    states = {d.serial: d.state for d in endpoint.devices()}
+    assert len(states) == len(built.rows) and set(states.values()) == {"ACTIVE"}
+
+
+def free_port_for_test() -> int:
+    from stampline.cloud.broker import free_port
+    return free_port()

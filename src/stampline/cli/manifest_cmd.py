@@ -61,8 +61,16 @@ def _load_ca(path: str | None) -> Any:
 
 
 def make_registrar(args: argparse.Namespace) -> Registrar:
-    """The registrar the command line selects (the local endpoint's registry, AWS IoT Core)."""
-    raise UsageError("no registrar is configured for manifest import.")
+    """The registrar the command line selects: the local endpoint's registry (``--local-endpoint
+    --workdir DIR``, DIR holding the endpoint)."""
+    if getattr(args, "local_endpoint", False):
+        if not getattr(args, "workdir", None):
+            raise UsageError("--local-endpoint needs --workdir, the directory that holds the endpoint.")
+        from pathlib import Path
+
+        from stampline.cloud.endpoint import Endpoint
+        return Endpoint(Path(args.workdir)).registry()
+    raise UsageError("choose where to import: --local-endpoint --workdir DIR (for AWS: stampline aws bulk-register).")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -392,7 +392,8 @@ def _open_jws(jws: Any, key: ec.EllipticCurvePublicKey, kid: str, typ: str) -> d
             or not isinstance(jws["payload"], str) or len(jws["payload"]) > MAX_PAYLOAD_CHARS:
         raise _Bad("its protected header or payload is missing or too long")
     protected = _strict_json(b64url_decode(jws["protected"], "protected header"))
-    if protected != {"alg": "ES256", "typ": typ, "kid": protected.get("kid") if isinstance(protected, dict) else None}:
+    if not isinstance(protected, dict) or protected.keys() != {"alg", "typ", "kid"} \
+            or (protected["alg"], protected["typ"]) != ("ES256", typ):
         raise _Bad(f"its protected header is not {{alg: ES256, typ: {typ}, kid}}")
     if protected["kid"] != kid:
         raise _Bad(f"it was signed by another key (kid {_shown(protected['kid'])}, not the manifest key's {kid})")
@@ -474,8 +475,11 @@ def _check_entry(index: int, payload: dict[str, Any], ca: x509.Certificate | Non
         raise _Bad(f"its serial {_shown(payload['serial'])} is not the CN of its device certificate")
     if _attribute(cert, NameOID.SERIAL_NUMBER) != [payload["uniqueId"]]:
         raise _Bad("its uniqueId is not the serialNumber of its device certificate")
-    pem = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()  # noqa: E731
-    return ManifestEntry(index, payload["uniqueId"], payload["serial"], pem(cert), pem(issuer))
+    return ManifestEntry(index, payload["uniqueId"], payload["serial"], _pem(cert), _pem(issuer))
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _reported_id(jws: Any) -> str | None:
@@ -544,16 +548,16 @@ def check_manifest(data: bytes, public_key: ec.EllipticCurvePublicKey,
                 raise _Bad("its unprotected header does not repeat the uniqueId of its payload")
             if header and (payload["manifestId"], payload["station"]) != (header["manifestId"], header["station"]):
                 raise _Bad("it belongs to another manifest")
-            for what, value in (("unique id", entry.unique_id), ("serial", entry.serial),
-                                ("certificate", entry.certificate_pem)):
+            if header and header["batch"] is not None and payload["batch"] != header["batch"]:
+                raise _Bad(f"it is from batch {payload['batch']}, not from the manifest's batch {header['batch']}")
+            identity = (("unique id", entry.unique_id), ("serial", entry.serial), ("certificate", entry.certificate_pem))
+            for what, value in identity:
                 if (what, value) in seen:
                     raise _Bad(f"it repeats the {what} of entry {seen[what, value]}")
-            for what, value in (("unique id", entry.unique_id), ("serial", entry.serial),
-                                ("certificate", entry.certificate_pem)):
-                seen[what, value] = index
+            seen.update(dict.fromkeys(identity, index))
             if payload["seq"] != index:
-                raise _Bad(f"it carries sequence number {payload['seq']}: the entries were reordered, "
-                           "or one was removed or added before it")
+                raise _Bad(f"it carries sequence number {payload['seq']} (the entries were reordered, "
+                           "or one was removed or added before it)")
             if previous_ok and expected_prev is not None and payload["prev"] != expected_prev:
                 raise _Bad(f"it does not chain to entry {index - 1}" if index else
                            "it does not start the chain of this manifest")

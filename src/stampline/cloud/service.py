@@ -59,7 +59,7 @@ class RegistrationService:
         if state == ACTIVE:
             return True, cert_id
         if state == REVOKED:
-            return False, cert_id
+            return None, cert_id  # Mosquitto refuses it in the handshake once its CRL lists it; closed anyway
         ca_id = self.registry.ca_id_for(leaf)
         if ca_id is None:
             return None, cert_id  # not from a registered CA: let Mosquitto's handshake say no
@@ -143,6 +143,7 @@ class RegistrationService:
 
         client.on_connect = on_connect
         client.on_message = on_message
+        client.reconnect_delay_set(min_delay=0.1, max_delay=1)  # the broker restarts when a CA is registered
         client.connect("127.0.0.1", self.ports.admin)
         client.loop_start()
         self._events = client

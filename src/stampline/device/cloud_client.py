@@ -136,7 +136,7 @@ class CloudClient:
                 return False
             self.status.connected = True
             info = client.publish(f"devices/{self.serial}/hello", json.dumps(
-                {"serial": self.serial, "at": time.time()}), qos=1)
+                {"serial": self.serial, "at": time.time()}), qos=1, retain=True)  # retained: seen by late subscribers
             try:
                 info.wait_for_publish(5)
             except (RuntimeError, ValueError):
