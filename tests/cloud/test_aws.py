@@ -474,10 +474,13 @@ def test_status_and_cli(line: Line, client: Any, moto_url: str) -> None:
     event = jitr_connect(client, line.workspace, line.pem(0))
     done = run_aws("activate", "--workdir", ws, "--endpoint-url", moto_url, "--event", "-", input=json.dumps(event))
     assert done.returncode == 0 and "ACME-000001: active (ACTIVE)" in done.stdout, done.stderr
+    pending = jitr_connect(client, line.workspace, line.pem(1))  # connected, its event not handled yet
     done = run_aws("bulk-register", "--workdir", ws, "--endpoint-url", moto_url, "--rate", "1000", "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["registered"] == 4  # the JITR device was found in AWS, not registered twice
+    assert json.loads(done.stdout)["registered"] == 4  # the JITR devices were found in AWS, not registered twice
     assert len(client.list_certificates()["certificates"]) == 4
+    assert client.describe_certificate(certificateId=pending["certificateId"])["certificateDescription"]["status"] \
+        == "ACTIVE"
     done = run_aws("revoke", "--workdir", ws, "--endpoint-url", moto_url, "--serial", line.serials[3])
     assert done.returncode == 0, done.stderr
     done = run_aws("status", "--workdir", ws, "--endpoint-url", moto_url, "--json")

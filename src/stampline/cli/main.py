@@ -8,12 +8,12 @@ import traceback
 from typing import Sequence
 
 from stampline import __version__
-from stampline.cli import (ca_cmd, demo_cmd, device_cmd, endpoint_cmd, firmware_cmd, ledger_cmd, manifest_cmd, recipe_cmd,
+from stampline.cli import (aws_cmd, ca_cmd, demo_cmd, device_cmd, endpoint_cmd, firmware_cmd, ledger_cmd, manifest_cmd, recipe_cmd,
                            station_cmd)
 from stampline.cli.common import Parser
 from stampline.errors import StamplineError
 
-COMMANDS = (demo_cmd, ca_cmd, recipe_cmd, station_cmd, device_cmd, ledger_cmd, firmware_cmd, endpoint_cmd, manifest_cmd)
+COMMANDS = (demo_cmd, ca_cmd, recipe_cmd, station_cmd, device_cmd, ledger_cmd, firmware_cmd, endpoint_cmd, manifest_cmd, aws_cmd)
 
 
 def build_parser() -> Parser:

@@ -21,8 +21,8 @@ from cryptography.x509.oid import NameOID
 
 from stampline.ceremony import load_sub
 from stampline.cloud.aws_api import (SYSTEM_CLOCK, AwsRefusal, Backoff, Clock, IotApi, RateLimiter, iot_client)
-from stampline.cloud.aws_device import (ACTIVE, POLICY_NAME, REVOKED, DeviceRefused, LedgerIndex, certificate_id_of,
-                                        check_policy_name, check_thing_name, ensure_device,
+from stampline.cloud.aws_device import (ACTIVE, PENDING, POLICY_NAME, REVOKED, DeviceRefused, LedgerIndex,
+                                        certificate_id_of, check_policy_name, check_thing_name, ensure_device,
                                         handle_registration_event, load_pem, pem_fingerprint, subject_value)
 from stampline.cloud.verification import check_registration, verification_certificate
 from stampline.errors import StamplineError
@@ -234,6 +234,7 @@ class AwsRegistrar:
         if subject_value(cert, NameOID.COMMON_NAME) != serial:
             raise DeviceRefused(f"the certificate given for {serial} does not name it as its CN.")
         check_thing_name(serial)
+        pending = False
         try:
             if ca_certificate_pem is None:
                 done = self.api.call("register_certificate_without_ca", certificatePem=certificate_pem, status=ACTIVE)
@@ -249,11 +250,14 @@ class AwsRegistrar:
                     raise DeviceRefused(f"AWS IoT holds the certificate of {serial} as revoked; "
                                         "it is not registered again.") from None
                 arn = str(held["certificateArn"])
+                pending = held["status"] == PENDING  # it connected (JITR) before any activation
             elif exc.code in DEVICE_REFUSALS:
                 raise DeviceRefused(f"{serial}: {exc}") from None
             else:
                 raise
         ensure_device(self.api, serial, subject_value(cert, NameOID.SERIAL_NUMBER), arn, self.policy_name)
+        if pending:
+            self.api.call("update_certificate", certificateId=certificate_id, newStatus=ACTIVE)
         return certificate_id
 
 
