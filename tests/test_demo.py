@@ -17,6 +17,7 @@ def test_demo_provisions_and_secures_every_device_and_runs_again(tmp_path: Path)
     for device in report["devices"]:
         assert device["outcome"] == "secured" and device["secure_boot"] and device["flash_encryption"]
         assert device["first_boot_phases"]["flash_encryption"] > 0
+        assert device["cloud_state"] == "ACTIVE" and device["hello"]  # online at the local endpoint
     again = run_cli("demo", "--devices", "4", "--workdir", str(workdir), "--json", timeout=300)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["ok"]

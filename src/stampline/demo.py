@@ -3,22 +3,29 @@
 Tokens in SoftHSM2, the CA ceremony, a signing workspace standing for the product's CI (its own
 token, the Secure Boot V2 key, a signed release), a recipe naming that release, N factory-fresh
 emulated ESP32-C3s on ptys (pre-flashed with the signed firmware), all provisioned at once by
-the station, locked by their first boot; then every chain is checked by ``openssl verify``.
+the station, locked by their first boot, then brought online: the local endpoint (Mosquitto with
+Just-In-Time Registration) activates each device once the station's ledger export arrives, and
+each device says hello on its own topic. Every chain is checked by ``openssl verify``.
 Run it again on the same workspace and it provisions N more.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from stampline import ceremony, recipe as recipes, release as releases, signing
+from stampline.cloud.broker import free_port
+from stampline.cloud.endpoint import Endpoint
 from stampline.device.emulator import DeviceOptions, Emulator
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
@@ -33,6 +40,8 @@ class DeviceSecurity:
     secure_boot: bool
     flash_encryption: bool
     first_boot_phases: dict[str, float]  # modelled seconds of the device's first boot, per phase
+    cloud_state: str = ""  # at the local endpoint: PENDING_ACTIVATION, ACTIVE, REVOKED
+    hello: bool = False  # its hello reached the endpoint on its own topic
 
 
 @dataclass
@@ -47,7 +56,8 @@ class DemoReport:
     @property
     def ok(self) -> bool:
         secured = all(self.security.get(r.chip_id, DeviceSecurity(False, False, {})).secure_boot
-                      and self.security[r.chip_id].flash_encryption for r in self.results)
+                      and self.security[r.chip_id].flash_encryption and self.security[r.chip_id].cloud_state == "ACTIVE"
+                      and self.security[r.chip_id].hello for r in self.results)
         return (self.chains_ok and not self.ledger_problems and secured
                 and all(r.outcome == "secured" for r in self.results))
 
@@ -89,29 +99,64 @@ def _release(workspace: Workspace, chip: str, created: list[str]) -> releases.Re
     return releases.build(ci, chip, out)
 
 
-def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: bool = True) -> DemoReport:
+def _endpoint_port(workspace: Workspace, template: str) -> tuple[str, int]:
+    """The recipe's endpoint: the template's port if it is free on this machine, else a free one."""
+    port = 8883
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            port = free_port()
+    return template.replace("mqtts://127.0.0.1:8883", f"mqtts://127.0.0.1:{port}"), port
+
+
+def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: bool = True,
+        cloud_timeout: float = 60.0) -> DemoReport:
     workspace = Workspace.at(workdir, create=True)
     result = ceremony.init(workspace, ceremony.CeremonyOptions())
     created = list(result.created)
     release = _release(workspace, "esp32c3", created)
     if not workspace.recipe_path.exists():
         template = recipes.TEMPLATE
-        workspace.recipe_path.write_text(template[:template.index("firmware:")] + release.recipe_firmware())
+        text, _ = _endpoint_port(workspace, template[:template.index("firmware:")] + release.recipe_firmware())
+        workspace.recipe_path.write_text(text)
         created.append("recipe naming the signed release")
     recipe = recipes.load(workspace.recipe_path)
+    endpoint = Endpoint(workspace.root)
+    endpoint.up(urlparse(recipe.endpoint).port or 8883)
+    try:
+        registry = endpoint.registry()
+        try:
+            registered = bool(registry.cas())
+        finally:
+            registry.close()
+        if not registered:
+            endpoint.register_ca(workspace)
+            created.append("local endpoint with the Sub CA registered")
+        return _line(workspace, recipe, release, endpoint, devices, time_scale, show_progress, created, cloud_timeout)
+    finally:
+        endpoint.down()
+
+
+def _line(workspace: Workspace, recipe: recipes.Recipe, release: releases.Release, endpoint: Endpoint, devices: int,
+          time_scale: float, show_progress: bool, created: list[str], cloud_timeout: float) -> DemoReport:
     images = {part: release.data(part) for part in ("manufacturing", "application")}
     security: dict[str, DeviceSecurity] = {}
-    with Emulator(workspace.devices_dir, TimingModel(time_scale)) as emulator:
+    trust = Path(endpoint.info().ca_file).read_bytes()
+    with Emulator(workspace.devices_dir, TimingModel(time_scale), cloud_trust=trust) as emulator:
         emulated = emulator.add_new(devices, DeviceOptions(model=recipe.chip, images=images))
         ports = [d.port for d in emulated]
         with open_station(workspace, recipe, note=f"demo, {devices} devices") as context, \
                 Display(ports, enabled=show_progress) as display:
             results = run_line(context, ports, display)
-        for device in emulated:
+        endpoint.import_ledger(workspace)  # the cloud learns what the station built
+        cloud = _await_cloud(endpoint, [r.serial for r in results if r.serial], cloud_timeout)
+        for device, r in zip(emulated, results):
             boot = device.last_boot
+            state, hello = cloud.get(r.serial, ("", False))
             security[device.chip_id] = DeviceSecurity(
                 device.efuses.secure_boot_enabled(), device.efuses.flash_encryption_enabled(),
-                dict(boot.phases) if boot and boot.first_boot else {})
+                dict(boot.phases) if boot and boot.first_boot else {}, state, hello)
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         certs = {}
         for r in results:
@@ -124,3 +169,13 @@ def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: boo
     problems += [f"device {r.chip_id} has no certificate in the ledger." for r in missing]
     return DemoReport(results, chains_ok=not problems, chain_problems=problems, created=created,
                       ledger_problems=ledger_problems, security=security)
+
+
+def _await_cloud(endpoint: Endpoint, serials: list[str], timeout: float) -> dict[str, tuple[str, bool]]:
+    """Wait until every device is ACTIVE at the endpoint and its hello arrived (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {d.serial: (d.state, d.hello_at is not None) for d in endpoint.devices() if d.serial in serials}
+        if all(found.get(s) == ("ACTIVE", True) for s in serials) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)

@@ -35,7 +35,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if report.created:
         print("created: " + ", ".join(report.created))
     print(f"{'serial':12} {'chip id':12} {'station':>8} {'keygen':>7} {'sign':>6} {'commit':>7} "
-          f"{'flash':>7} {'1st boot':>9} {'(encrypt)':>9}  secure boot  flash enc.  outcome")
+          f"{'flash':>7} {'1st boot':>9} {'(encrypt)':>9}  secure boot  flash enc.  cloud            outcome")
     for r in report.results:
         sec = _security(report, r.chip_id)
         flash = sum(v for k, v in r.steps.items() if k.startswith(("flash_", "write_bootloader")))
@@ -45,11 +45,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"{r.serial or '-':12} {r.chip_id or '-':12} {station * 1000:6.0f}ms {_ms(r, 'keygen'):>7} "
               f"{_ms(r, 'sign'):>6} {_ms(r, 'commit'):>7} {flash * 1000:5.0f}ms "
               f"{sum(phases.values()):8.1f}s {phases.get('flash_encryption', 0.0):8.1f}s  "
-              f"{'on' if sec['secure_boot'] else 'OFF':11}  {'on' if sec['flash_encryption'] else 'OFF':10}  {outcome}")
+              f"{'on' if sec['secure_boot'] else 'OFF':11}  {'on' if sec['flash_encryption'] else 'OFF':10}  "
+              f"{(sec['cloud_state'] or '-') + (' + hello' if sec['hello'] else ''):15}  {outcome}")
     for problem in report.chain_problems + report.ledger_problems:
         print(problem, file=sys.stderr)
     done = sum(r.outcome == "secured" for r in report.results)
-    print(f"{done} of {len(report.results)} devices provisioned and secured; "
+    online = sum(_security(report, r.chip_id)["hello"] for r in report.results)
+    print(f"{done} of {len(report.results)} devices provisioned and secured, {online} activated and online; "
           f"chains {'verified by openssl' if report.chains_ok else 'FAILED'}; "
           f"ledger {'verified' if not report.ledger_problems else 'FAILED'}.")
     print("station times are measured; first-boot times are the device timing model's (real-chip seconds).")
@@ -63,6 +65,8 @@ def _ms(result: Any, step: str) -> str:
 def _security(report: demo.DemoReport, chip_id: str) -> dict[str, Any]:
     sec = report.security.get(chip_id)
     if sec is None:
-        return {"secure_boot": False, "flash_encryption": False, "first_boot_phases": {}}
+        return {"secure_boot": False, "flash_encryption": False, "first_boot_phases": {}, "cloud_state": "",
+                "hello": False}
     return {"secure_boot": sec.secure_boot, "flash_encryption": sec.flash_encryption,
-            "first_boot_phases": {k: round(v, 3) for k, v in sec.first_boot_phases.items()}}
+            "first_boot_phases": {k: round(v, 3) for k, v in sec.first_boot_phases.items()},
+            "cloud_state": sec.cloud_state, "hello": sec.hello}
