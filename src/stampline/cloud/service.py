@@ -63,14 +63,23 @@ class RegistrationService:
         ca_id = self.registry.ca_id_for(leaf)
         if ca_id is None:
             return None, cert_id  # not from a registered CA: let Mosquitto's handshake say no
-        event = self.registry.first_connection(leaf, ca_id)
-        first = event is not None
-        if event is None:
-            event = {"certificateId": cert_id, "caCertificateId": ca_id, "certificateStatus": PENDING}
+        with self.registry.transaction():
+            event = self.registry.first_connection(leaf, ca_id)
+            first = event is not None
+            if event is None:
+                event = {"certificateId": cert_id, "caCertificateId": ca_id, "certificateStatus": PENDING}
+            state = jitr.handle_registration_event(event, self.registry, self._crls())
         self._publish(broker.EVENT_TOPIC.format(ca_id=ca_id), event)
-        state = jitr.handle_registration_event(event, self.registry, self.files.crls())
         # AWS closes the first connection of a new certificate; later ones go on once activated
         return (state == ACTIVE and not first), cert_id
+
+    def _crls(self) -> list[x509.CertificateRevocationList]:
+        """The CRL file, parsed again only when it changed."""
+        path = self.files.path("crl.pem")
+        stamp = path.stat().st_mtime_ns if path.exists() else 0
+        if getattr(self, "_crl_stamp", None) != stamp:
+            self._crl_cache, self._crl_stamp = self.files.crls(), stamp
+        return self._crl_cache
 
     # -- the relay --------------------------------------------------------------------------
 
