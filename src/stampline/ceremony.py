@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from stampline.errors import StamplineError, UsageError
+from stampline.files import write_atomically
 from stampline.pki import ca, softhsm
 from stampline.pki import x509 as px
 from stampline.pki.pin import seal
@@ -133,9 +134,7 @@ def _configure(workspace: Workspace, options: CeremonyOptions, created: list[str
 
 def _write_pem(path: Path, cert: x509.Certificate) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(cert.public_bytes(Encoding.PEM))
-    os.replace(tmp, path)
+    write_atomically(path, cert.public_bytes(Encoding.PEM))
 
 
 def init(workspace: Workspace, options: CeremonyOptions) -> CeremonyResult:
@@ -193,10 +192,8 @@ def issue_crl(workspace: Workspace, revoked: list[px.Revoked], days: int = 7) ->
     number_path = workspace.ca_dir / "crl-number"
     number = int(number_path.read_text()) + 1 if number_path.exists() else 1
     crl = ca.issue_crl(token.signer(label), load_sub(workspace), revoked, number, days)
-    tmp = workspace.crl_path.with_suffix(".tmp")
-    tmp.write_bytes(crl.public_bytes(Encoding.PEM))
-    os.replace(tmp, workspace.crl_path)
-    number_path.write_text(str(number))
+    write_atomically(workspace.crl_path, crl.public_bytes(Encoding.PEM))
+    write_atomically(number_path, str(number).encode())
     return crl
 
 

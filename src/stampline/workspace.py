@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from stampline.errors import StamplineError, UsageError
+from stampline.files import write_atomically
 from stampline.pki import softhsm
 from stampline.pki.pin import pin_source
 from stampline.pki.token import Token, TokenSpec
@@ -125,12 +126,8 @@ class StationConfig:
 
     def save(self) -> None:
         path = self.workspace.config_path
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("# stampline station configuration: no secret is stored here in plain text.\n"
-                    + yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        write_atomically(path, ("# stampline station configuration: no secret is stored here in plain text.\n"
+                                + yaml.safe_dump(self.to_dict(), sort_keys=False)).encode(), mode=0o600)
 
     def token(self, label: str) -> Token:
         spec = self.tokens.get(label)

@@ -479,7 +479,7 @@ def test_verify_catches_an_edited_audit_payload(tmp_path: Path) -> None:
     serials = populate(tmp_path / "l.db")
     problems = problems_after(
         tmp_path / "l.db", "DROP TRIGGER audit_no_update",
-        (f"UPDATE audit SET payload = replace(payload, '\"rework\"', '\"compromised\"')"
+        ("UPDATE audit SET payload = replace(payload, '\"rework\"', '\"compromised\"')"
          " WHERE kind = 'certificate_revoked'", ()))
     seq = raw(tmp_path / "l.db").execute("SELECT seq FROM audit WHERE kind = 'certificate_revoked'").fetchone()[0]
     assert f"audit record {seq} does not match its hash." in problems

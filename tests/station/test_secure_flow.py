@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import run_cli, secure_recipe

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from stampline import signing
 from stampline.cli.common import add_json, add_workdir, emit_json
 from stampline.errors import StamplineError, UsageError
+from stampline.files import write_atomically
 from stampline.firmware import image as esp_image
 from stampline.firmware import secure_boot
 from stampline.workspace import Workspace
@@ -66,11 +65,8 @@ def _read(path: str) -> bytes:
 
 
 def _write(path: str, data: bytes) -> None:
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_atomically(Path(path), data)
     except OSError:
         raise UsageError(f"cannot write {path}.") from None
 

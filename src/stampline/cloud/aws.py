@@ -25,6 +25,7 @@ from stampline.cloud.aws_device import (ACTIVE, PENDING, POLICY_NAME, REVOKED, D
                                         certificate_id_of, check_policy_name, check_thing_name, ensure_device,
                                         handle_registration_event, load_pem, pem_fingerprint, subject_value)
 from stampline.cloud.verification import check_registration, verification_certificate
+from stampline.files import fsync_dir, write_atomically
 from stampline.errors import StamplineError
 from stampline.pki import x509 as px
 from stampline.station.ledger import Ledger
@@ -50,14 +51,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def aws_dir(workspace: Workspace, region: str) -> Path:
     return workspace.root / "aws" / region
 
@@ -80,13 +73,7 @@ def _ca_record(workspace: Workspace, region: str) -> dict[str, Any] | None:
 def _write_ca_record(workspace: Workspace, region: str, record: dict[str, Any]) -> None:
     directory = aws_dir(workspace, region)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "ca.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / "ca.json")
-    _fsync_dir(directory)
+    write_atomically(directory / "ca.json", json.dumps(record, indent=2).encode())
 
 
 def register_ca_certificate(api: IotApi, ca_cert: x509.Certificate, verification: x509.Certificate,
@@ -214,7 +201,7 @@ class Progress:
             f.flush()
             os.fsync(f.fileno())
         if new:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self._entries[fingerprint] = entry
 
 

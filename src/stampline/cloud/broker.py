@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from stampline.errors import StamplineError
+from stampline.files import write_atomically
 
 SERVICE_USER = "stampline-service"
 EVENT_TOPIC = "$aws/events/certificates/registered/{ca_id}"
@@ -131,9 +132,7 @@ class EndpointFiles:
         self.path("trust.pem").write_bytes(pems or self.path("server-ca.pem").read_bytes())
 
     def write_crl(self, crls: list[x509.CertificateRevocationList]) -> None:
-        tmp = self.path("crl.pem.tmp")
-        tmp.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
-        os.replace(tmp, self.path("crl.pem"))
+        write_atomically(self.path("crl.pem"), b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
 
     def crls(self) -> list[x509.CertificateRevocationList]:
         path = self.path("crl.pem")

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from stampline.cloud.registrar import Registrar
+from stampline.files import fsync_dir, write_atomically
 from stampline.errors import StamplineError
 from stampline.pki import x509 as px
 from stampline.pki.token import KeyAlgorithm, PublicKey, Scheme, TokenSigner
@@ -145,34 +145,6 @@ def write_public_key(key: ec.EllipticCurvePublicKey, path: str | os.PathLike[str
     else:
         text = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     write_atomically(Path(path), text.encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """All or nothing: a temporary file in the same directory, fsynced, renamed over ``path``."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise StamplineError(f"cannot write {path}: {exc.strerror or exc}.") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- signing and export
@@ -672,7 +644,7 @@ def import_manifest(path: str | os.PathLike[str], public_key: ec.EllipticCurvePu
     new_file = not progress.exists()
     with open(progress, "a", encoding="utf-8") as record:
         if new_file:
-            _fsync_dir(progress.parent if str(progress.parent) else Path("."))
+            fsync_dir(progress.parent if str(progress.parent) else Path("."))
         for entry in report.entries:
             if entry.index in applied:
                 continue

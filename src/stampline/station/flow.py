@@ -150,7 +150,7 @@ class Flow:
     # -- the flow ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        ledger, recipe, r = self.ctx.ledger, self.recipe, self.result
+        ledger, r = self.ctx.ledger, self.result
         hello = self._step("identify", self._identify)
         assert isinstance(hello, m.HelloReply)
         live = ledger.live_certificate(r.chip_id)

@@ -17,7 +17,6 @@ import re
 import sqlite3
 import ssl
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
