@@ -34,6 +34,8 @@ def register(groups: Any) -> None:
     emulate.add_argument("--baud", type=positive_int, default=115200)
     emulate.add_argument("--mfg-version", default="1.0.0", help="version of the pre-flashed manufacturing firmware")
     emulate.add_argument("--app-version", default="1.0.0", help="version of the pre-flashed application")
+    emulate.add_argument("--endpoint-ca", metavar="FILE",
+                         help="the IoT endpoint's CA (as built into the application): secured devices go online")
     emulate.add_argument("--image", action="append", default=[], metavar="PART=FILE",
                          help="pre-flash FILE as bootloader, manufacturing or application (repeatable)")
     add_json(emulate)
@@ -74,7 +76,13 @@ def run_emulate(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with Emulator(workspace.devices_dir, TimingModel(args.time_scale, args.baud)) as emulator:
+    trust = None
+    if args.endpoint_ca:
+        try:
+            trust = Path(args.endpoint_ca).read_bytes()
+        except OSError:
+            raise UsageError(f"cannot read the endpoint CA {args.endpoint_ca}.") from None
+    with Emulator(workspace.devices_dir, TimingModel(args.time_scale, args.baud), cloud_trust=trust) as emulator:
         for chip_id in attach:
             emulator.attach(chip_id)
         emulator.add_new(args.devices, DeviceOptions(args.chip, args.mfg_version, args.app_version, images or None))
