@@ -5,7 +5,7 @@ N device clients with certificates from the station's Sub CA (in SoftHSM2) conne
 first time at once. Through the registration service each one is refused at its first
 connection (registered PENDING_ACTIVATION, event, activation policy: ACTIVE), then connects
 again and gets its CONNACK. The baseline: the same clients straight to Mosquitto's device
-listener (TLS 1.2 mutual authentication + MQTT CONNECT/CONNACK), no registration.
+listener (its Unix socket; TLS 1.2 mutual authentication + MQTT CONNECT/CONNACK), no registration.
 
 Targets (issue 4): at least 200 activations per second, and the service's full connection rate
 no worse than half the bare one.
@@ -61,11 +61,13 @@ def _connect_packet(client_id: str) -> bytes:
     return bytes((0x10, len(body))) + body
 
 
-async def connect_once(port: int, context: ssl.SSLContext, client_id: str) -> bool:
-    """TLS + MQTT CONNECT; True on a CONNACK that accepts."""
+async def connect_once(where: int | str, context: ssl.SSLContext, client_id: str) -> bool:
+    """TLS + MQTT CONNECT to a loopback port or Mosquitto's Unix socket; True on a CONNACK that accepts."""
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="127.0.0.1"), 10)
+        opening = (asyncio.open_unix_connection(where, ssl=context, server_hostname="127.0.0.1")
+                   if isinstance(where, str) else
+                   asyncio.open_connection("127.0.0.1", where, ssl=context, server_hostname="127.0.0.1"))
+        reader, writer = await asyncio.wait_for(opening, 10)
     except (OSError, ssl.SSLError, asyncio.TimeoutError):
         return False
     try:
@@ -79,7 +81,7 @@ async def connect_once(port: int, context: ssl.SSLContext, client_id: str) -> bo
         writer.close()
 
 
-async def run_clients(port: int, clients: list[tuple[str, ssl.SSLContext]], concurrency: int,
+async def run_clients(port: int | str, clients: list[tuple[str, ssl.SSLContext]], concurrency: int,
                       until_accepted: bool) -> tuple[float, list[int]]:
     """All clients at once (bounded); returns wall time and the attempts each needed."""
     gate = asyncio.Semaphore(concurrency)

@@ -192,8 +192,8 @@ def issue_crl(workspace: Workspace, revoked: list[px.Revoked], days: int = 7) ->
     number_path = workspace.ca_dir / "crl-number"
     number = int(number_path.read_text()) + 1 if number_path.exists() else 1
     crl = ca.issue_crl(token.signer(label), load_sub(workspace), revoked, number, days)
+    write_atomically(number_path, str(number).encode())  # first: a crash never reuses a number
     write_atomically(workspace.crl_path, crl.public_bytes(Encoding.PEM))
-    write_atomically(number_path, str(number).encode())
     return crl
 
 

@@ -24,7 +24,7 @@ REGISTRATION = ("jitr", "manifest")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _NVS_KEY_RE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
-_VERSION_RE = re.compile(r"^v?(\d{1,5})\.(\d{1,5})\.(\d{1,5})(?:[-+][0-9A-Za-z.-]{0,20})?$")
+_VERSION_RE = re.compile(r"^v?([0-9]{1,5})\.([0-9]{1,5})\.([0-9]{1,5})(?:[-+][0-9A-Za-z.-]{1,20})?$")
 NVS_STAMP_KEYS = ("serial", "endpoint", "certificate", "ca_certificate", "pop")
 
 TEMPLATE = """\

@@ -37,8 +37,8 @@ EVENT_TOPIC = "$aws/events/certificates/registered/{ca_id}"
 @dataclass(frozen=True)
 class Ports:
     public: int  # where devices connect (the registration service relays to Mosquitto)
-    internal: int  # Mosquitto's device listener, loopback
-    admin: int  # Mosquitto's listener for the registration service
+    internal: str  # Mosquitto's device listener: a Unix socket in the 0700 endpoint directory,
+    admin: str  # and its listener for the registration service: nobody else can bypass the service
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ class EndpointFiles:
     def ports(self) -> Ports:
         try:
             raw = json.loads(self.path("endpoint.json").read_text())
-            return Ports(int(raw["port"]), int(raw["internal_port"]), int(raw["admin_port"]))
+            return Ports(int(raw["port"]), str(raw["internal_socket"]), str(raw["admin_socket"]))
         except (OSError, ValueError, KeyError):
             raise StamplineError(f"{self.dir} holds no endpoint; run 'stampline endpoint up' first.") from None
 
@@ -70,10 +70,14 @@ class EndpointFiles:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.path("server-ca.pem").exists():
             self._make_identity()
-        ports = Ports(port, free_port(), free_port())
+        ports = Ports(port, str(self.path("devices.sock")), str(self.path("service.sock")))
         self.path("endpoint.json").write_text(json.dumps(
-            {"host": "127.0.0.1", "port": ports.public, "internal_port": ports.internal, "admin_port": ports.admin,
+            {"host": "127.0.0.1", "port": ports.public, "internal_socket": ports.internal, "admin_socket": ports.admin,
              "ca_file": str(self.path("server-ca.pem"))}))
+        # OpenSSL's own configuration caps Mosquitto at TLS 1.2 (its tls_version is a minimum only)
+        self.path("openssl.cnf").write_text(
+            "openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n[ssl_sect]\n"
+            "system_default = system_default_sect\n[system_default_sect]\nMaxProtocol = TLSv1.2\n")
         self.write_acl()
         if not self.path("trust.pem").exists():
             self.path("trust.pem").write_bytes(self.path("server-ca.pem").read_bytes())  # no device CA yet
@@ -122,7 +126,7 @@ class EndpointFiles:
                                       serialization.NoEncryption()))
 
     def write_acl(self) -> None:
-        self.path("acl").write_text(f"user {SERVICE_USER}\ntopic readwrite #\n\n"
+        self.path("acl").write_text(f"user {SERVICE_USER}\ntopic readwrite #\ntopic readwrite $aws/#\n\n"
                                     "# a device, authenticated by its certificate (username = its CN, the serial),\n"
                                     "# may use its own topics only\npattern readwrite devices/%u/#\n")
 
@@ -152,10 +156,10 @@ class EndpointFiles:
             f"set_tcp_nodelay true\nallow_anonymous false\nacl_file {p('acl')}\nmax_keepalive 300\n\n"
             f"# devices: mutual TLS against the registered CAs, CRL enforced; TLS 1.2 so that the\n"
             f"# registration service in front can read the client certificate from the handshake\n"
-            f"listener {ports.internal} 127.0.0.1\ncafile {p('trust.pem')}\ncertfile {p('server.pem')}\n"
+            f"listener 0 {ports.internal}\ncafile {p('trust.pem')}\ncertfile {p('server.pem')}\n"
             f"keyfile {p('server.key')}\nrequire_certificate true\nuse_identity_as_username true\n"
             f"tls_version tlsv1.2\n{crl}\n"
-            f"# the registration service\nlistener {ports.admin} 127.0.0.1\ncafile {p('server-ca.pem')}\n"
+            f"# the registration service\nlistener 0 {ports.admin}\ncafile {p('server-ca.pem')}\n"
             f"certfile {p('server.pem')}\nkeyfile {p('server.key')}\nrequire_certificate true\n"
             "use_identity_as_username true\n")
 
@@ -176,10 +180,21 @@ def _pid(path: Path) -> int | None:
         return None
 
 
+_DAEMON_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def daemon_env() -> dict[str, str]:
+    """What a long-running child may see of our environment: never a PIN variable."""
+    return {name: os.environ[name] for name in _DAEMON_ENV if name in os.environ}
+
+
 def start_mosquitto(files: EndpointFiles) -> int:
     log = open(files.path("mosquitto.stderr"), "ab")
-    proc = subprocess.Popen([mosquitto_binary(), "-c", str(files.path("mosquitto.conf"))],
-                            stdout=log, stderr=log, start_new_session=True)
+    for name in ("devices.sock", "service.sock"):
+        files.path(name).unlink(missing_ok=True)
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(files.path("mosquitto.conf"))], stdout=log, stderr=log,
+                            start_new_session=True,
+                            env={**daemon_env(), "OPENSSL_CONF": str(files.path("openssl.cnf"))})
     ports = files.ports()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -187,7 +202,9 @@ def start_mosquitto(files: EndpointFiles) -> int:
             tail = files.path("mosquitto.log").read_text()[-300:] if files.path("mosquitto.log").exists() else ""
             raise StamplineError(f"mosquitto did not start: {tail.strip().splitlines()[-1] if tail.strip() else 'see its log'}.")
         try:
-            with socket.create_connection(("127.0.0.1", ports.internal), timeout=0.2):
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(0.2)
+                probe.connect(ports.internal)
                 files.path("mosquitto.pid").write_text(str(proc.pid))
                 return proc.pid
         except OSError:

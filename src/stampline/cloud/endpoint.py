@@ -67,7 +67,8 @@ class Endpoint:
         broker.start_mosquitto(self.files)
         log = open(self.files.path("service.log"), "ab")
         proc = subprocess.Popen([sys.executable, "-m", "stampline.cli.main", "endpoint", "serve",
-                                 "--workdir", str(self.workdir)], stdout=log, stderr=log, start_new_session=True)
+                                 "--workdir", str(self.workdir)], stdout=log, stderr=log, start_new_session=True,
+                                env=broker.daemon_env())
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:

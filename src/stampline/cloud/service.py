@@ -85,7 +85,7 @@ class RegistrationService:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.ports.internal)
+            up_reader, up_writer = await asyncio.open_unix_connection(self.ports.internal)
         except OSError:
             writer.close()
             return
@@ -138,8 +138,9 @@ class RegistrationService:
 
     def _connect_events(self) -> None:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stampline-registration-service",
-                             protocol=mqtt.MQTTv311)
+                             protocol=mqtt.MQTTv311, transport="unix")
         context = ssl.create_default_context(cafile=str(self.files.path("server-ca.pem")))
+        context.check_hostname = False  # a Unix socket in our own 0700 directory: the path is the identity
         context.load_cert_chain(str(self.files.path("service.pem")), str(self.files.path("service.key")))
         client.tls_set_context(context)
 
@@ -153,7 +154,7 @@ class RegistrationService:
         client.on_connect = on_connect
         client.on_message = on_message
         client.reconnect_delay_set(min_delay=0.1, max_delay=1)  # the broker restarts when a CA is registered
-        client.connect("127.0.0.1", self.ports.admin)
+        client.connect_async(self.ports.admin)  # retried by the loop until Mosquitto listens
         client.loop_start()
         self._events = client
 

@@ -91,7 +91,12 @@ def check_csr(der_bytes: bytes, profile: DeviceProfile, expected_subject: x509.N
     if got != (family, size):
         raise CsrRefused("key-type", f"the CSR holds a {got[0].upper()}-{got[1]} key, but the recipe asks for {profile.key_type}.")
 
-    for attribute in csr.attributes:
+    try:
+        attributes = list(csr.attributes)
+        subject_der = csr.subject.public_bytes()
+    except (ValueError, TypeError):
+        raise CsrRefused("malformed", "the CSR's attributes or subject are malformed.") from None
+    for attribute in attributes:
         if attribute.oid.dotted_string != _EXTENSION_REQUEST:
             raise CsrRefused("attribute", f"the CSR carries the attribute {attribute.oid.dotted_string}, which is not allowed.")
     try:
@@ -103,7 +108,7 @@ def check_csr(der_bytes: bytes, profile: DeviceProfile, expected_subject: x509.N
             raise CsrRefused("extension", "the CSR asks for CA:TRUE.")
         raise CsrRefused("extension", f"the CSR asks for extension {ext.oid.dotted_string}, which the device profile does not allow.")
 
-    if csr.subject.public_bytes() != expected_subject.public_bytes():
+    if subject_der != expected_subject.public_bytes():
         raise CsrRefused("subject", f"the CSR's subject '{_shown(csr.subject)}' is not the allocated '{_shown(expected_subject)}'.")
 
     public_key_der = px.spki_der(public_key)

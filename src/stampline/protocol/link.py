@@ -259,8 +259,8 @@ class Link:
                 raise ProtocolError(f"The device's {target.name} object changed while being read.")
             if len(reply.data) > max_len or len(data) + len(reply.data) > first.total:
                 raise ProtocolError(f"The device sent more {target.name} data than asked for.")
-            if not reply.data and len(data) < first.total:
-                raise ProtocolError(f"The device stopped sending {target.name} data early.")
+            if len(reply.data) < min(max_len, first.total - len(data)):
+                raise ProtocolError(f"The device sent a short {target.name} chunk ({len(reply.data)} bytes).")
             data += reply.data
         if hashlib.sha256(data).digest() != first.sha256:
             raise ProtocolError(f"The {target.name} object read from the device fails its SHA-256.")

@@ -116,6 +116,9 @@ class Flow:
         except StamplineError as exc:
             outcome, detail = "failed", str(exc)
             raise DeviceFailed(name, str(exc)) from None
+        except Exception as exc:  # a bug, or input nobody foresaw: this device stops, the line goes on
+            outcome, detail = "failed", f"internal error ({type(exc).__name__})"
+            raise DeviceFailed(name, f"internal error ({type(exc).__name__}).") from None
         finally:
             duration = time.perf_counter() - begin
             r.steps[name] = r.steps.get(name, 0.0) + duration
@@ -132,6 +135,8 @@ class Flow:
                 raise
             except StamplineError as exc:  # outside any step: charge it to the step the device was at
                 raise DeviceFailed(r.step or "start", str(exc)) from None
+            except Exception as exc:
+                raise DeviceFailed(r.step or "start", f"internal error ({type(exc).__name__}).") from None
         except DeviceFailed as failed:
             r.outcome, r.step, r.reason = "failed", failed.step, str(failed)
             if r.chip_id and not self._finished_before():
@@ -142,10 +147,13 @@ class Flow:
         return r
 
     def _finished_before(self) -> bool:
-        """A device this station had provisioned keeps that state when a later run fails on it
-        (a refused rework, say): its failure is in the step journal, its record stays true."""
-        previous = getattr(self, "_previous", None)
-        return previous is not None and previous.state in DONE_STATES
+        """A device this station provisioned keeps that state when a run fails on it (a refused
+        rework, a first boot that outlasts the wait): the failure is in the step journal, and the
+        next run picks the device up where it stands."""
+        if not self.result.chip_id:
+            return False
+        current = self.ctx.ledger.device(self.result.chip_id)
+        return current is not None and current.state in DONE_STATES
 
     # -- the flow ---------------------------------------------------------------------------
 
@@ -157,9 +165,13 @@ class Flow:
         record = self._previous
         if hello.state & m.StateFlag.SECURED and (self.ctx.rework or live is None):
             raise DeviceFailed("identify", "the device is secured: its stamp cannot be reworked or replaced at a station.")
-        if live is not None and not self.ctx.rework and record is not None and record.state in DONE_STATES \
-                and hello.state & m.StateFlag.STAMP_DONE:
+        if live is not None and not self.ctx.rework and record is not None and hello.state & m.StateFlag.STAMP_DONE \
+                and (record.state in DONE_STATES or hello.state & m.StateFlag.SECURED):
             r.serial = record.serial or ""
+            if hello.state & m.StateFlag.SECURED and record.state != DeviceState.SECURED.value:
+                self._step("first_boot", self._await_secured)  # it locked itself after an earlier run gave up
+                r.outcome, r.step = "secured", "done"
+                return
             if self.ctx.firmware.secure and not hello.state & m.StateFlag.SECURED:
                 if hello.mfg_fw_version:  # stamped, but the lock did not happen: do it now
                     self._lock()
@@ -251,7 +263,7 @@ class Flow:
 
         def restart() -> m.HelloReply:
             if part == "application":
-                hello = self.link.request(m.Hello(), timeout=3.0)
+                hello = self._hello()
             else:
                 self.link.request(m.SetBoot("ota_1"), timeout=3.0)
                 self.link.request(m.Reboot(), timeout=3.0)
@@ -288,20 +300,28 @@ class Flow:
     def _reconnect(self) -> None:
         self.link.close()
         self.link = self.link.reopen()
-        self.link.request(m.Hello(), timeout=3.0)
+        self._hello()
+
+    def _hello(self, timeout: float = 3.0) -> m.HelloReply:
+        """HELLO, and the same chip as at identify: a device swapped during a reboot is not this one."""
+        hello = self.link.request(m.Hello(), timeout=timeout)
+        if self.result.chip_id and hello.chip_id.hex() != self.result.chip_id:
+            raise StamplineError(f"another device ({hello.chip_id.hex()}) answers on this port now.")
+        return hello
 
     def _await_boot(self, timeout: float) -> m.HelloReply:
-        """HELLO until the device answers after a reboot (it answers BUSY while it boots)."""
+        """HELLO until the device answers after a reboot (it answers BUSY while it boots; a real
+        chip's ROM prints to the line at reset, which is not a frame)."""
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                return self.link.request(m.Hello(), timeout=1.0)
+                return self._hello(timeout=1.0)
             except m.DeviceError as exc:
                 last = str(exc)
                 if exc.code not in (m.ErrorCode.BUSY,):
                     raise StamplineError(f"the device does not come back after its reboot: {exc.detail or exc}") from None
-            except LinkTimeout as exc:
+            except (LinkTimeout, ProtocolError) as exc:
                 last = str(exc)
             time.sleep(0.05)
         raise StamplineError(f"the device did not come back within {timeout:.0f} s of its reboot ({last}).")
@@ -357,19 +377,17 @@ class Flow:
         return csr
 
     def _resume_with(self, cert_der: bytes, serial: str | None) -> bytes:
-        """The ledger already holds this chip's certificate: write that one, never a second."""
+        """The ledger already holds this chip's certificate: write that one, never a second — and
+        only to a device that proves, with a CSR the policy accepts, that it holds that key."""
         r = self.result
         r.serial = serial or ""
 
         def check_key() -> None:
-            attrs = self.recipe.subject_attributes(r.serial)
-            self.link.request(m.CsrBuild(subject_cn=attrs["common_name"], subject_o=attrs.get("organization"),
-                                         subject_serial=r.chip_id), timeout=5.0, hard_timeout=30.0)
-            csr = x509.load_der_x509_csr(self.link.read_object(m.Target.CSR))
+            csr = self._get_csr()
+            accepted = check_csr(csr, self._profile(), self._csr_subject(), lambda digest: None)
             cert = x509.load_der_x509_certificate(cert_der)
             spki = serialization.PublicFormat.SubjectPublicKeyInfo
-            if csr.public_key().public_bytes(serialization.Encoding.DER, spki) != \
-                    cert.public_key().public_bytes(serialization.Encoding.DER, spki):
+            if accepted.public_key_der != cert.public_key().public_bytes(serialization.Encoding.DER, spki):
                 raise StamplineError("the device no longer holds the key of the certificate the ledger issued to it; "
                                      "provision it again with --rework.")
         self._step("resume", check_key)

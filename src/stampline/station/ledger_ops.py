@@ -57,6 +57,11 @@ def device_seen(conn: sqlite3.Connection, *, chip_id: str, chip_model: str, mfg_
                      values + (chip_model, DeviceState.SEEN.value))
     elif row[0] != chip_model:
         raise StamplineError(f"chip {chip_id} was recorded as a {row[0]}, not a {chip_model}.")
+    elif _live_serial(conn, chip_id) is not None:
+        # certified: it stays in the batch (and on the port) that made it; the sighting is journaled
+        audit.record(conn, "device_seen_again", chip_id, {}, port=port, batch_id=batch_id,
+                     mfg_fw_version=mfg_fw_version, app_fw_version=app_fw_version)
+        return _require_device(conn, chip_id)
     else:
         conn.execute("UPDATE devices SET batch_id = ?, port = ?, mfg_fw_version = ?, app_fw_version = ?,"
                      " updated_at = ? WHERE chip_id = ?", values)

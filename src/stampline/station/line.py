@@ -114,9 +114,7 @@ def run_line(context: StationContext, ports: list[str], display: Display | None 
             return DeviceResult(port, step="connect", reason=str(exc))
         flow = Flow(context, link, port, update)
         try:
-            return flow.run()
-        except Exception as exc:  # a bug in one flow must not stop the other ports
-            return DeviceResult(port, step="internal", reason=f"internal error ({type(exc).__name__}).")
+            return flow.run()  # it reports every failure of its device in its result
         finally:
             flow.link.close()  # the flow may have reopened it
 
