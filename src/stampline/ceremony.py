@@ -21,7 +21,7 @@ from stampline.errors import StamplineError, UsageError
 from stampline.files import write_atomically
 from stampline.pki import ca, softhsm
 from stampline.pki import x509 as px
-from stampline.pki.pin import seal
+from stampline.pki.pin import seal, unseal
 from stampline.pki.token import KeyAlgorithm
 from stampline.pki.uri import Pkcs11Uri
 from stampline.workspace import SOFTHSM, StationConfig, Workspace, new_workspace_id
@@ -107,24 +107,45 @@ def configure_workspace(workspace: Workspace, station_id: str, keys: dict[str, P
     sources = {label: _pin_source_for(pin_source, label) for label in labels}
     pins = {label: _new_pin(sources[label], label) for label in labels}
     workspace_id = new_workspace_id()
-    conf = softhsm.write_config(workspace.softhsm_dir)
+    softhsm.write_config(workspace.softhsm_dir)
     tokens: dict[str, dict[str, object]] = {}
+    so_pins = {label: secrets.token_urlsafe(16) for label in labels}
     for label in labels:
-        so_pin = secrets.token_urlsafe(16)
-        softhsm.init_token(conf, label, so_pin, pins[label])
         tokens[label] = {"module": SOFTHSM, "pin": _pin_spec(sources[label], workspace_id, label, pins[label])}
         if pin_source == "sealed":
-            tokens[label]["so_pin"] = {"sealed": seal(so_pin, workspace_id, label + "/so")}
-        created.append(f"token {label}")
+            tokens[label]["so_pin"] = {"sealed": seal(so_pins[label], workspace_id, label + "/so")}
+    # the configuration first: a ceremony cut short after it can be run again and makes the rest
     config = StationConfig(workspace, workspace_id, station_id, tokens, keys)
     config.save()
     created.append("workspace configuration")
+    _ensure_tokens(config, created, {label: (so_pins[label], pins[label]) for label in labels})
     return config
+
+
+def _ensure_tokens(config: StationConfig, created: list[str],
+                   known: dict[str, tuple[str, str]] | None = None) -> None:
+    """Initialise every configured SoftHSM2 token that does not exist yet (PINs from their sources)."""
+    conf = softhsm.write_config(config.workspace.softhsm_dir)
+    present = set(softhsm.token_labels(conf))
+    for label, spec in config.tokens.items():
+        if spec.get("module") != SOFTHSM or label in present:
+            continue
+        if known and label in known:
+            so_pin, user_pin = known[label]
+        else:
+            sealed_so = spec.get("so_pin")
+            so_pin = (unseal(sealed_so["sealed"], config.workspace_id, label + "/so").decode()
+                      if isinstance(sealed_so, dict) and "sealed" in sealed_so else secrets.token_urlsafe(16))
+            user_pin = config.token(label).spec.pin.read(label).reveal()
+        softhsm.init_token(conf, label, so_pin, user_pin)
+        created.append(f"token {label}")
 
 
 def _configure(workspace: Workspace, options: CeremonyOptions, created: list[str]) -> StationConfig:
     if workspace.has_config():
-        return workspace.config()
+        config = workspace.config()
+        _ensure_tokens(config, created)
+        return config
     _check_options(options)
     return configure_workspace(workspace, options.station_id, {
         "root_ca": Pkcs11Uri(token=ROOT_TOKEN, object=ROOT_KEY),
@@ -195,6 +216,18 @@ def issue_crl(workspace: Workspace, revoked: list[px.Revoked], days: int = 7) ->
     write_atomically(number_path, str(number).encode())  # first: a crash never reuses a number
     write_atomically(workspace.crl_path, crl.public_bytes(Encoding.PEM))
     return crl
+
+
+def issue_crl_from_ledger(workspace: Workspace, days: int = 7) -> tuple[x509.CertificateRevocationList, int]:
+    """The next CRL, listing every certificate the station's ledger revoked; (CRL, revoked count)."""
+    from stampline.station.ledger import Ledger
+
+    revoked = []
+    if workspace.ledger_path.exists():
+        with Ledger.open_readonly(workspace.ledger_path) as ledger:
+            revoked = [revoked_entry(c.cert_serial, c.revoked_at, c.revocation_reason or "")
+                       for c in ledger.certificates(include_revoked=True) if c.revoked_at is not None]
+    return issue_crl(workspace, revoked, days), len(revoked)
 
 
 def revoked_entry(serial_hex: str, revoked_at: float, reason: str) -> px.Revoked:

@@ -133,6 +133,9 @@ def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: boo
         if not registered:
             endpoint.register_ca(workspace)
             created.append("local endpoint with the Sub CA registered")
+        else:  # a CRL lasts days: the endpoint gets a fresh one at every run, as a cloud would
+            crl, _ = ceremony.issue_crl_from_ledger(workspace)
+            endpoint.update_crl(crl.public_bytes(Encoding.PEM))
         return _line(workspace, recipe, release, endpoint, devices, time_scale, show_progress, created, cloud_timeout)
     finally:
         endpoint.down()

@@ -154,3 +154,24 @@ def test_ceremony_never_replaces_an_existing_root(fresh_workspace: Workspace) ->
     fresh_workspace.root_cert_path.unlink()
     with pytest.raises(StamplineError, match="holds a root key but the workspace has no root certificate"):
         ceremony.init(fresh_workspace, ceremony.CeremonyOptions())
+
+
+def test_a_ceremony_cut_short_can_be_run_again(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second token's initialisation fails: the rerun makes it, then the CAs."""
+    real = softhsm.init_token
+    calls = []
+
+    def failing_second(conf, label, so_pin, user_pin):  # type: ignore[no-untyped-def]
+        calls.append(label)
+        if len(calls) == 2:
+            raise StamplineError("pkcs11-tool failed: simulated.")
+        return real(conf, label, so_pin, user_pin)
+
+    monkeypatch.setattr(softhsm, "init_token", failing_second)
+    workspace = Workspace.at(tmp_path / "w", create=True)
+    with pytest.raises(StamplineError, match="simulated"):
+        ceremony.init(workspace, ceremony.CeremonyOptions())
+    monkeypatch.setattr(softhsm, "init_token", real)
+    result = ceremony.init(workspace, ceremony.CeremonyOptions())
+    assert "token stampline-line-1" in result.created and "root CA" in result.created
+    assert ceremony.load_sub(workspace).issuer == ceremony.load_root(workspace).subject

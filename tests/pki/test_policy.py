@@ -136,3 +136,24 @@ def test_issuer_refuses_a_token_key_that_is_not_the_ca_key(ca_workspace: Workspa
     token, label = ca_workspace.config().key_token("root_ca")
     with pytest.raises(Exception, match="does not match the Sub CA certificate"):
         DeviceIssuer(ceremony.load_sub(ca_workspace), token.signer(label))
+
+
+def test_csr_with_a_multi_valued_attribute_is_refused_not_a_crash() -> None:
+    from stampline.pki import der
+    from stampline.pki import x509 as px
+    from stampline.pki.token import Scheme
+
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    class Soft:
+        public_key = key.public_key()
+        scheme = Scheme.ECDSA_SHA256
+
+        def sign(self, data: bytes) -> bytes:
+            return key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    attribute = der.seq(der.oid("1.2.840.113549.1.9.7"), der.set_of(der.tlv(0x0C, b"a"), der.tlv(0x0C, b"b")))
+    info = der.seq(der.integer(0), expected().public_bytes(), px.spki_der(key.public_key()), der.tlv(0xA0, attribute))
+    with pytest.raises(CsrRefused) as refused:
+        check_csr(px.signed(info, Soft()), profile(), expected(), nobody)
+    assert refused.value.code in ("malformed", "attribute")

@@ -177,6 +177,7 @@ def test_corrupted_frames_fail_that_device_only(workspace: Workspace, emulator: 
     assert results[good.port].outcome == "provisioned"
     failed = results[bad.port]
     assert failed.outcome == "failed" and failed.reason and "\n" not in failed.reason
+    assert "internal error" not in failed.reason  # a protocol failure, named as such
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         assert ledger.verify() == []
 
@@ -234,3 +235,36 @@ def test_interrupted_rework_is_finished_only_on_the_operators_word(workspace: Wo
     assert reworked.outcome == "provisioned", reworked.reason
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         assert ledger.live_certificate(device.chip_id) is not None and ledger.verify() == []
+
+
+def test_pop_secret_never_reaches_the_ledger(workspace: Workspace, emulator: Emulator) -> None:
+    device = emulator.add_new(1, DeviceOptions())[0]
+    assert provision(workspace, [device])[0].outcome == "provisioned"
+    pop = str(stamp_of(device)[("stamp", "pop")][1]).encode()
+    assert len(pop) >= 16
+    stored = b"".join(p.read_bytes() for p in workspace.root.glob("ledger.sqlite*"))
+    assert stored and pop not in stored
+
+
+def test_a_device_claiming_a_provisioned_chip_id_gets_nothing(workspace: Workspace, emulator: Emulator) -> None:
+    """A counterfeit answering with a real chip's id and public key, but unable to sign for it."""
+    real = emulator.add_new(1, DeviceOptions())[0]
+    assert provision(workspace, [real])[0].outcome == "provisioned"
+    fake = emulator.add_new(1, DeviceOptions())[0]
+    fake.firmware.identity = real.identity  # it claims the provisioned chip's id
+    real_key = serialization.load_der_private_key(stamp_of(real)[(OWN_NAMESPACE, "priv_key")][1], None)  # type: ignore[arg-type]
+    forger = ec.generate_private_key(ec.SECP256R1())
+
+    def forged(key, request):  # type: ignore[no-untyped-def]
+        csr = bytearray(_csr(forger, _name(request)))
+        # the real chip's public key in place of the forger's: the signature no longer verifies
+        ours = forger.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        theirs = real_key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+        return bytes(csr).replace(ours, theirs)
+    fake.firmware.keygen_attempts = 0
+    fake.firmware._set_own("priv_key", forger.private_bytes(serialization.Encoding.DER,
+                           serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), "blob")
+    _bad_csr(fake, forged)
+    result = provision(workspace, [fake])[0]
+    assert result.outcome == "failed" and result.step == "resume" and "does not verify" in result.reason
+    assert (OWN_NAMESPACE, "cert_loc") not in stamp_of(fake)

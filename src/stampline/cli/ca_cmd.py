@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from stampline import ceremony
@@ -65,18 +66,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_crl(args: argparse.Namespace) -> int:
-    from stampline.station.ledger import Ledger
-
     workspace = Workspace.at(args.workdir)
-    revoked = []
-    if workspace.ledger_path.exists():
-        with Ledger.open_readonly(workspace.ledger_path) as ledger:
-            revoked = [ceremony.revoked_entry(c.cert_serial, c.revoked_at, c.revocation_reason or "")
-                       for c in ledger.certificates(include_revoked=True) if c.revoked_at is not None]
-    crl = ceremony.issue_crl(workspace, revoked, args.days)
-    number = crl.extensions.get_extension_for_class(__import__("cryptography.x509", fromlist=["CRLNumber"]).CRLNumber).value.crl_number
+    crl, revoked = ceremony.issue_crl_from_ledger(workspace, args.days)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     if args.json:
-        emit_json({"path": str(workspace.crl_path), "number": number, "revoked": len(revoked)})
+        emit_json({"path": str(workspace.crl_path), "number": number, "revoked": revoked})
     else:
-        print(f"CRL number {number} with {len(revoked)} revoked certificate(s): {workspace.crl_path}")
+        print(f"CRL number {number} with {revoked} revoked certificate(s): {workspace.crl_path}")
     return 0

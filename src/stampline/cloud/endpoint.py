@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datetime import datetime, timezone
+
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -37,6 +39,13 @@ class EndpointInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "ca_file": self.ca_file, "running": self.running}
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return -1
 
 
 class Endpoint:
@@ -144,6 +153,12 @@ class Endpoint:
             ca = issuers.get(crl.issuer)
             if ca is None or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
                 raise StamplineError("the CRL is not signed by a CA registered at this endpoint.")
+            if crl.next_update_utc is not None and crl.next_update_utc < datetime.now(timezone.utc):
+                raise StamplineError("the CRL has expired; Mosquitto would refuse every device of its CA with it.")
+            current = next((c for c in self.files.crls() if c.issuer == crl.issuer), None)
+            if current is not None and _crl_number(crl) <= _crl_number(current) and crl != current:
+                raise StamplineError(f"the CRL's number {_crl_number(crl)} is not newer than the loaded "
+                                     f"{_crl_number(current)}.")
             self._merge_crl(crl)
             if not self.files.path("mosquitto.conf").read_text().count("crlfile"):
                 self.files.write_config(self.files.ports())
@@ -199,6 +214,9 @@ def serve(workdir: Path) -> None:
 
     from stampline.cloud.service import RegistrationService
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     service = RegistrationService(Path(workdir))
     loop = asyncio.new_event_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

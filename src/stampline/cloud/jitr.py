@@ -45,6 +45,9 @@ def handle_registration_event(event: dict[str, Any], registry: Registry,
     if revoked_by(cert, crls):
         registry.set_state(cert_id, REVOKED, "listed in the CA's CRL")
         return REVOKED
+    if registry.revoked_by_station(cert):
+        registry.set_state(cert_id, REVOKED, "revoked in the station's ledger export")
+        return REVOKED
     serial, chip_id = _single(cert, NameOID.COMMON_NAME), _single(cert, NameOID.SERIAL_NUMBER)
     if serial is None or not SERIAL.match(serial) or chip_id is None or not CHIP_ID.match(chip_id):
         registry.set_state(cert_id, PENDING, "the subject is not a well-formed serial and chip id", suspect=True)
@@ -58,7 +61,12 @@ def handle_registration_event(event: dict[str, Any], registry: Registry,
 
 
 def reconsider_pending(registry: Registry, crls: list[x509.CertificateRevocationList]) -> int:
-    """After a ledger export arrives: handle every pending certificate again; returns activations."""
+    """After a ledger export arrives: revoke what the station revoked, handle every pending
+    certificate again; returns activations."""
+    for device in registry.devices(ACTIVE):
+        pem = registry.pem(device.cert_id)
+        if pem and registry.revoked_by_station(x509.load_pem_x509_certificate(pem.encode())):
+            registry.set_state(device.cert_id, REVOKED, "revoked in the station's ledger export")
     activated = 0
     for device in registry.devices(PENDING):
         event = {"certificateId": device.cert_id, "caCertificateId": device.ca_id, "certificateStatus": PENDING}

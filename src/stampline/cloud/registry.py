@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS cas (ca_id TEXT PRIMARY KEY, subject TEXT, pem TEXT N
 CREATE TABLE IF NOT EXISTS codes (code TEXT PRIMARY KEY, issued_at REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS exported (fingerprint TEXT PRIMARY KEY, serial TEXT NOT NULL, chip_id TEXT,
     source TEXT, imported_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS exported_revoked (cert_serial TEXT PRIMARY KEY, imported_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS certificates (cert_id TEXT PRIMARY KEY, serial TEXT NOT NULL, chip_id TEXT,
     ca_id TEXT NOT NULL, pem TEXT NOT NULL, state TEXT NOT NULL, suspect INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '', first_seen REAL, activated_at REAL, revoked_at REAL, connections INTEGER NOT NULL DEFAULT 0);
@@ -178,6 +179,9 @@ class Registry:
         now = time.time()
         with self._lock:
             for row in rows:
+                for cert_serial in row.get("revoked") or []:  # the station revoked these (rework)
+                    self._db.execute("INSERT OR IGNORE INTO exported_revoked VALUES (?, ?)",
+                                     (str(cert_serial).lower().lstrip("0") or "0", now))
                 pem = row.get("certificate")
                 if not pem:
                     continue
@@ -187,6 +191,11 @@ class Registry:
                 added += cursor.rowcount
         self._event("ledger_imported", None, {"source": source, "added": added})
         return added
+
+    def revoked_by_station(self, cert: x509.Certificate) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM exported_revoked WHERE cert_serial = ?",
+                                    (format(cert.serial_number, "x"),)).fetchone() is not None
 
     def exported(self, cert_id: str) -> bool:
         with self._lock:

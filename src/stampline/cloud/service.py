@@ -22,6 +22,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,16 +146,30 @@ class RegistrationService:
         client.tls_set_context(context)
 
         def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+            log.info("event connection up: %s", reason)
             c.subscribe("devices/+/hello", qos=1)
 
         def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             serial = message.topic.split("/")[1]
-            self.registry.record_hello(serial, message.payload[:512].decode(errors="replace"))
+            try:
+                self.registry.record_hello(serial, message.payload[:512].decode(errors="replace"))
+            except Exception:  # never let a database hiccup stop the event loop of this client
+                log.exception("could not record the hello of %s", serial)
 
         client.on_connect = on_connect
         client.on_message = on_message
         client.reconnect_delay_set(min_delay=0.1, max_delay=1)  # the broker restarts when a CA is registered
-        client.connect_async(self.ports.admin)  # retried by the loop until Mosquitto listens
+        client.on_disconnect = lambda c, u, flags, reason, props: log.info("event connection lost: %s", reason)
+        deadline = time.monotonic() + 30
+        while True:  # Mosquitto may still be starting; after this, the client's loop reconnects by itself
+            try:
+                client.connect(self.ports.admin)
+                break
+            except (OSError, ssl.SSLError) as exc:
+                if time.monotonic() > deadline:
+                    log.error("cannot reach Mosquitto's service listener: %s", exc)
+                    break
+                time.sleep(0.1)
         client.loop_start()
         self._events = client
 

@@ -414,7 +414,7 @@ class Flow:
         pop_digest = ""
         if recipe.pop_bytes:
             pop = base64.b32encode(secrets.token_bytes(recipe.pop_bytes)).decode().rstrip("=")
-            pop_digest = hashlib.sha256(pop.encode()).hexdigest()
+            pop_digest = hashlib.sha256(f"{self.result.chip_id}:{pop}".encode()).hexdigest()  # salted per chip
             entries.append((recipe.nvs_keys["pop"], m.NvsType.STRING, pop.encode()))
             del pop
         for key, nvs_type, data in entries:
