@@ -215,3 +215,25 @@ def test_secured_device_is_recognised_and_never_reworked(workspace: Workspace, e
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         assert ledger.device(device.chip_id).state == "secured"  # type: ignore[union-attr]
         assert len(ledger.certificates()) == 1 and ledger.verify() == []
+
+
+def test_a_first_boot_longer_than_the_wait_is_picked_up_at_the_next_run(workspace: Workspace, release) -> None:  # type: ignore[no-untyped-def]
+    import time as clock
+
+    with Emulator(workspace.devices_dir, TimingModel(0, boot_scale=0.1)) as emulator:  # ~1.5 s of first boot
+        device = emulator.add_new(1, signed_options(release))[0]
+        recipe = recipes.parse(workspace.recipe_path.read_text())
+        with open_station(workspace, recipe) as context:
+            context.first_boot_timeout = 0.2
+            gave_up = run_line(context, [device.port])[0]
+        assert gave_up.outcome == "failed" and gave_up.step == "first_boot"
+        with Ledger.open_readonly(workspace.ledger_path) as ledger:
+            assert ledger.device(device.chip_id).state == "locking"  # type: ignore[union-attr]
+        deadline = clock.monotonic() + 30
+        while not (device.efuses.download_mode_disabled() and device.handler is not None) and clock.monotonic() < deadline:
+            clock.sleep(0.1)
+        again = provision(workspace, [device])[0]
+        assert again.outcome == "secured", again.reason
+        with Ledger.open_readonly(workspace.ledger_path) as ledger:
+            assert ledger.device(device.chip_id).state == "secured"  # type: ignore[union-attr]
+            assert ledger.verify() == []
