@@ -220,6 +220,11 @@ def stop_pid(files: EndpointFiles, name: str) -> bool:
     os.kill(pid, signal.SIGTERM)
     for _ in range(100):
         try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child: reap it (a zombie still "exists")
+                break
+        except ChildProcessError:
+            pass
+        try:
             os.kill(pid, 0)
         except OSError:
             break

@@ -78,7 +78,7 @@ class Endpoint:
         proc = subprocess.Popen([sys.executable, "-m", "stampline.cli.main", "endpoint", "serve",
                                  "--workdir", str(self.workdir)], stdout=log, stderr=log, start_new_session=True,
                                 env=broker.daemon_env())
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 broker.stop_pid(self.files, "mosquitto.pid")
@@ -91,7 +91,7 @@ class Endpoint:
                 time.sleep(0.05)
         proc.kill()
         broker.stop_pid(self.files, "mosquitto.pid")
-        raise StamplineError("the registration service did not open its port within 15 s.")
+        raise StamplineError("the registration service did not open its port within 30 s.")
 
     def down(self) -> bool:
         stopped = broker.stop_pid(self.files, "service.pid")

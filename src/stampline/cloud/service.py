@@ -171,15 +171,18 @@ class RegistrationService:
                     break
                 time.sleep(0.1)
         client.loop_start()
-        self._events = client
+        self._events = client  # only now: publishing must never wait on a connection being made
 
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        if self._events is not None:
-            self._events.publish(topic, json.dumps(payload), qos=1)
+        """Best effort: the event is in the registry's journal whether or not it reaches the broker."""
+        events = self._events
+        if events is not None:
+            events.publish(topic, json.dumps(payload), qos=1)
 
     async def serve(self, ready: threading.Event | None = None) -> None:
-        self._connect_events()
         server = await asyncio.start_server(self._client, "127.0.0.1", self.ports.public, backlog=1024)
+        # events and hellos ride a client of Mosquitto's service listener; devices need not wait for it
+        threading.Thread(target=self._connect_events, name="events", daemon=True).start()
         watcher = asyncio.create_task(self._watch_revocations())
         if ready is not None:
             ready.set()
