@@ -221,4 +221,7 @@ def serve(workdir: Path) -> None:
     loop = asyncio.new_event_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
-    loop.run_until_complete(service.serve())
+    try:
+        loop.run_until_complete(service.serve())
+    finally:
+        loop.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -137,7 +138,7 @@ class RegistrationService:
 
     # -- events and hellos on the broker --------------------------------------------------------
 
-    def _connect_events(self) -> None:
+    def _events_client(self) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stampline-registration-service",
                              protocol=mqtt.MQTTv311, transport="unix")
         context = ssl.create_default_context(cafile=str(self.files.path("server-ca.pem")))
@@ -158,17 +159,28 @@ class RegistrationService:
 
         client.on_connect = on_connect
         client.on_message = on_message
-        client.reconnect_delay_set(min_delay=0.1, max_delay=1)  # the broker restarts when a CA is registered
         client.on_disconnect = lambda c, u, flags, reason, props: log.info("event connection lost: %s", reason)
-        deadline = time.monotonic() + 30
-        while True:  # Mosquitto may still be starting; after this, the client's loop reconnects by itself
+        client.reconnect_delay_set(min_delay=0.1, max_delay=1)  # the broker restarts when a CA is registered
+        return client
+
+    def _connect_events(self) -> None:
+        """Connect (a fresh client per attempt: a failed first connect leaves paho's socket unusable),
+        then let the client's loop reconnect by itself."""
+        deadline = time.monotonic() + 60
+        while True:
+            # probe with a socket of our own first: a failed paho connect on a Unix socket closes a
+            # file descriptor it no longer owns (seen: the event loop's own pipe)
             try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(1)
+                    probe.connect(self.ports.admin)
+                client = self._events_client()
                 client.connect(self.ports.admin)
                 break
             except (OSError, ssl.SSLError) as exc:
                 if time.monotonic() > deadline:
                     log.error("cannot reach Mosquitto's service listener: %s", exc)
-                    break
+                    return
                 time.sleep(0.1)
         client.loop_start()
         self._events = client  # only now: publishing must never wait on a connection being made
