@@ -9,6 +9,7 @@ listener), ``trust.pem`` (roots of the registered CAs), ``crl.pem``, ``acl``, ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -58,6 +60,16 @@ class EndpointFiles:
     def exists(self) -> bool:
         return self.path("endpoint.json").exists()
 
+    def socket_dir(self) -> Path:
+        """A short private directory for the Unix sockets: a socket path is limited to 107 bytes,
+        and TLS takes the path as the server name, where no dot-separated label may exceed 63."""
+        digest = hashlib.sha256(str(self.dir.resolve()).encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"stampline-{os.getuid()}-{digest}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        if path.stat().st_uid != os.getuid() or path.stat().st_mode & 0o077:
+            raise StamplineError(f"{path} is not a private directory of this user.")
+        return path
+
     def ports(self) -> Ports:
         try:
             raw = json.loads(self.path("endpoint.json").read_text())
@@ -70,7 +82,8 @@ class EndpointFiles:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.path("server-ca.pem").exists():
             self._make_identity()
-        ports = Ports(port, str(self.path("devices.sock")), str(self.path("service.sock")))
+        sockets = self.socket_dir()
+        ports = Ports(port, str(sockets / "devices"), str(sockets / "service"))
         self.path("endpoint.json").write_text(json.dumps(
             {"host": "127.0.0.1", "port": ports.public, "internal_socket": ports.internal, "admin_socket": ports.admin,
              "ca_file": str(self.path("server-ca.pem"))}))
@@ -190,12 +203,12 @@ def daemon_env() -> dict[str, str]:
 
 def start_mosquitto(files: EndpointFiles) -> int:
     log = open(files.path("mosquitto.stderr"), "ab")
-    for name in ("devices.sock", "service.sock"):
-        files.path(name).unlink(missing_ok=True)
+    ports = files.ports()
+    for path in (ports.internal, ports.admin):
+        Path(path).unlink(missing_ok=True)
     proc = subprocess.Popen([mosquitto_binary(), "-c", str(files.path("mosquitto.conf"))], stdout=log, stderr=log,
                             start_new_session=True,
                             env={**daemon_env(), "OPENSSL_CONF": str(files.path("openssl.cnf"))})
-    ports = files.ports()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
