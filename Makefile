@@ -17,6 +17,7 @@ test: setup
 bench: setup
 	$(VENV)/bin/python bench/issuance.py
 	$(VENV)/bin/python bench/line_time.py
+	$(VENV)/bin/python bench/jitr.py
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache
