@@ -56,14 +56,15 @@ class SoftCa:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Endpoint, SoftCa]:
+def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     endpoint = Endpoint(tmp_path)
     endpoint.files.create(free_port())
     ca = SoftCa()
     registry = endpoint.registry()
     registry.register_ca(ca.cert, verification_certificate(ca.cert, ca, registry.registration_code()))
     registry.close()
-    return endpoint, ca
+    yield endpoint, ca
+    endpoint.down()  # removes its socket directory from the temp dir
 
 
 def _connect(endpoint: Endpoint, cert: x509.Certificate) -> str:

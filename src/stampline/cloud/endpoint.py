@@ -95,7 +95,16 @@ class Endpoint:
 
     def down(self) -> bool:
         stopped = broker.stop_pid(self.files, "service.pid")
-        return broker.stop_pid(self.files, "mosquitto.pid") or stopped
+        stopped = broker.stop_pid(self.files, "mosquitto.pid") or stopped
+        if self.files.exists:  # leave no socket directory behind in the temp dir
+            ports = self.files.ports()
+            for path in (Path(ports.internal), Path(ports.admin)):
+                path.unlink(missing_ok=True)
+            try:
+                Path(ports.internal).parent.rmdir()
+            except OSError:
+                pass
+        return stopped
 
     def info(self) -> EndpointInfo:
         ports = self.files.ports()
