@@ -7,6 +7,7 @@ are encoded by ``cryptography`` (``public_bytes()``); this module only frames th
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import lru_cache
 
 
 def tlv(tag: int, content: bytes) -> bytes:
@@ -46,6 +47,7 @@ def bit_string(value: bytes) -> bytes:
     return tlv(0x03, b"\x00" + value)
 
 
+@lru_cache(maxsize=512)
 def oid(dotted: str) -> bytes:
     parts = [int(p) for p in dotted.split(".")]
     body = bytearray()

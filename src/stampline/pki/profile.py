@@ -50,23 +50,31 @@ class DeviceIssuer:
             raise StamplineError("the Sub CA key in the token does not match the Sub CA certificate.")
         self.ca_cert = ca_cert
         self.signer = signer
-        self._authority_key_id = x509.AuthorityKeyIdentifier(px.key_identifier(signer.public_key), None, None)
+        # what every device certificate carries, encoded once (the hot path of the line)
+        aki = px.extension(x509.AuthorityKeyIdentifier(px.key_identifier(signer.public_key), None, None), False)
+        self._constant = {rsa_key: [px.extension(x509.BasicConstraints(ca=False, path_length=None), True),
+                                    px.extension(_key_usage(rsa_key), True),
+                                    px.extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]
+                          for rsa_key in (False, True)}
+        self._authority_key_id = aki
 
     def issue(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> bytes:
         now = datetime.now(timezone.utc).replace(microsecond=0)
         not_after = min(now + timedelta(days=profile.validity_days), self.ca_cert.not_valid_after_utc)
         rsa_key = isinstance(accepted.public_key, rsa.RSAPublicKey)
-        usage = x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=rsa_key, data_encipherment=False,
-            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False)
         fields = px.CertificateFields(
             serial_number=random_serial(), issuer=self.ca_cert.subject, subject=profile.certificate_subject(chip_id),
             not_before=now - timedelta(minutes=5), not_after=not_after, public_key_der=accepted.public_key_der,
             extensions=[
-                (x509.BasicConstraints(ca=False, path_length=None), True),
-                (usage, True),
-                (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+                *self._constant[rsa_key],
                 (x509.SubjectKeyIdentifier(px.key_identifier(accepted.public_key)), False),
-                (self._authority_key_id, False),
+                self._authority_key_id,
             ])
         return px.sign_certificate(fields, self.signer)
+
+
+def _key_usage(rsa_key: bool) -> x509.KeyUsage:
+    """digitalSignature; RSA keys also keyEncipherment (TLS 1.2 RSA key exchange)."""
+    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=rsa_key,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                         encipher_only=False, decipher_only=False)

@@ -61,7 +61,7 @@ class CertificateFields:
     not_before: datetime
     not_after: datetime
     public_key_der: bytes  # SubjectPublicKeyInfo, taken verbatim (from a CSR or a token)
-    extensions: Sequence[tuple[x509.ExtensionType, bool]]
+    extensions: Sequence[tuple[x509.ExtensionType, bool] | bytes]  # bytes: an Extension already encoded
 
 
 def tbs_certificate(fields: CertificateFields, scheme: Scheme) -> bytes:
@@ -73,7 +73,7 @@ def tbs_certificate(fields: CertificateFields, scheme: Scheme) -> bytes:
         der.seq(der.time(fields.not_before), der.time(fields.not_after)),
         fields.subject.public_bytes(),
         fields.public_key_der,
-        der.explicit(3, der.seq(*(extension(value, critical) for value, critical in fields.extensions))),
+        der.explicit(3, der.seq(*(item if isinstance(item, bytes) else extension(*item) for item in fields.extensions))),
     )
 
 
