@@ -89,12 +89,9 @@ def _release(workspace: Workspace, chip: str, created: list[str]) -> releases.Re
         signing.keygen(ci, chip)
         created.append("signing workspace with its Secure Boot V2 key")
     out = ci.root / "release"
-    files = {part: out / name for part, name in (("bootloader", "bootloader-1.0.0.signed.bin"),
-                                                 ("manufacturing", "manufacturing-1.0.0.signed.bin"),
-                                                 ("application", "application-1.0.0.signed.bin"),
-                                                 ("secure_boot_key", "secure-boot.pub.pem"))}
-    if all(path.exists() for path in files.values()):
-        return releases.Release(out, files)
+    built = releases.existing(out)
+    if built is not None:
+        return built
     created.append("signed firmware release")
     return releases.build(ci, chip, out)
 

@@ -8,6 +8,12 @@ is reported as such.
 from __future__ import annotations
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """Untrusted text, made safe to put in a message: printable and bounded."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit - 3] + "..."
+
+
 class StamplineError(Exception):
     """A refusal with a one-sentence reason, safe to show to an operator."""
 

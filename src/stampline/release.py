@@ -46,6 +46,20 @@ class Release:
         )
 
 
+def release_files(out: Path, mfg_version: str = "1.0.0", app_version: str = "1.0.0") -> dict[str, Path]:
+    """Where a release's files lie (``build`` writes them there)."""
+    return {"bootloader": out / f"bootloader-{mfg_version}.signed.bin",
+            "manufacturing": out / f"manufacturing-{mfg_version}.signed.bin",
+            "application": out / f"application-{app_version}.signed.bin",
+            "secure_boot_key": out / "secure-boot.pub.pem"}
+
+
+def existing(out: Path) -> Release | None:
+    """The default-version release already built in ``out``, if complete."""
+    files = release_files(out)
+    return Release(out, files) if all(path.exists() for path in files.values()) else None
+
+
 def build(signing_workspace: Workspace, chip: str, out: Path, mfg_version: str = "1.0.0",
           app_version: str = "1.0.0", secure_version: int = 0, app_size: int = 64 * 1024) -> Release:
     """Build and sign a release into ``out`` (the signing key must exist: ``signing.keygen``)."""
@@ -56,11 +70,8 @@ def build(signing_workspace: Workspace, chip: str, out: Path, mfg_version: str =
         "application": image.build_app_image(chip, "product-app", app_version, secure_version=secure_version,
                                              payload_size=app_size),
     }
-    files = {}
+    files = release_files(out, mfg_version, app_version)
     for part, data in parts.items():
-        path = out / f"{part}-{app_version if part == 'application' else mfg_version}.signed.bin"
-        path.write_bytes(signing.sign(signing_workspace, data, chip))
-        files[part] = path
-    files["secure_boot_key"] = out / "secure-boot.pub.pem"
+        files[part].write_bytes(signing.sign(signing_workspace, data, chip))
     files["secure_boot_key"].write_bytes(signing.key_info(signing_workspace).pem)
     return Release(out, files)

@@ -45,6 +45,8 @@ class RegistrationService:
         self.registry = Registry(self.files.path("registry.sqlite"))
         self.live: dict[str, set[asyncio.StreamWriter]] = {}
         self._events: mqtt.Client | None = None
+        self._crl_cache: list[x509.CertificateRevocationList] = []
+        self._crl_stamp: int | None = None
         self._stop: asyncio.Event | None = None
 
     # -- decisions (run in a worker thread: they touch SQLite and cryptography) -------------------
@@ -79,7 +81,7 @@ class RegistrationService:
         """The CRL file, parsed again only when it changed."""
         path = self.files.path("crl.pem")
         stamp = path.stat().st_mtime_ns if path.exists() else 0
-        if getattr(self, "_crl_stamp", None) != stamp:
+        if self._crl_stamp != stamp:
             self._crl_cache, self._crl_stamp = self.files.crls(), stamp
         return self._crl_cache
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from stampline.device.boot import SECTOR, BootHalted, verify_with_digests
 from stampline.device.chip import ChipIdentity, Flash
 from stampline.device.efuse import Efuses
+from stampline.device.mfg_firmware import OWN_NAMESPACE
 from stampline.device.flash_crypt import EncryptedFlash
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
@@ -31,7 +32,6 @@ from stampline.protocol.server import DeviceFault
 
 NVS_SECONDS = 0.25  # generate keys, write and verify the encrypted NVS
 ERASE_SECONDS_PER_SECTOR = 0.025
-OWN_NAMESPACE = "device"
 
 if TYPE_CHECKING:
     from stampline.device.cloud_client import CloudClient

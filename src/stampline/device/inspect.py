@@ -13,11 +13,11 @@ from stampline.device import chip
 from stampline.device.chip import Flash
 from stampline.device.efuse import Efuses
 from stampline.device.flash_crypt import EncryptedFlash
+from stampline.device.mfg_firmware import OWN_NAMESPACE
 from stampline.errors import StamplineError
 from stampline.firmware.nvs import NvsImage, parse_nvs_keys_partition
 from stampline.firmware.partitions import PARTITION_TABLE_OFFSET, TABLE_LENGTH, PartitionTable
 
-OWN_NAMESPACE = "device"
 
 
 def _open(devices_root: Path, chip_id: str) -> tuple[chip.ChipIdentity, Path]:

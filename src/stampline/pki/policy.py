@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from stampline.errors import StamplineError
+from stampline.errors import StamplineError, shown
 from stampline.pki import x509 as px
 from stampline.pki.profile import KEY_TYPES, DeviceProfile
 from stampline.pki.token import PublicKey
@@ -50,9 +50,7 @@ class AcceptedCsr:
 
 
 def _shown(name: x509.Name) -> str:
-    text = name.rfc4514_string()
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shown(name.rfc4514_string(), 80)
 
 
 def check_csr(der_bytes: bytes, profile: DeviceProfile, expected_subject: x509.Name,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from stampline.errors import UsageError
+from stampline.errors import UsageError, shown
 
 _PATH_ATTRS = {"token", "object", "type"}  # the token's module comes from configuration, never the URI
 _SAFE = "-._~:[]@!$'()*+,="  # pk11-pchar of RFC 7512 section 2.3
@@ -24,7 +24,7 @@ class Pkcs11Uri:
     @classmethod
     def parse(cls, text: str) -> "Pkcs11Uri":
         if not text.startswith("pkcs11:"):
-            raise UsageError(f"'{_shown(text)}' is not a PKCS#11 URI (it must start with 'pkcs11:').")
+            raise UsageError(f"'{shown(text)}' is not a PKCS#11 URI (it must start with 'pkcs11:').")
         path, _, query = text[len("pkcs11:"):].partition("?")
         if "pin-value" in query or "pin-source" in query:
             raise UsageError("a PKCS#11 URI must not carry a PIN; configure the PIN source instead.")
@@ -32,7 +32,7 @@ class Pkcs11Uri:
         for part in filter(None, path.split(";")):
             name, eq, value = part.partition("=")
             if not eq or name not in _PATH_ATTRS:
-                raise UsageError(f"the PKCS#11 URI attribute '{_shown(name)}' is not supported "
+                raise UsageError(f"the PKCS#11 URI attribute '{shown(name)}' is not supported "
                                  "(stampline names keys by token and object).")
             if name in attrs:
                 raise UsageError(f"the PKCS#11 URI names '{name}' twice.")
@@ -41,15 +41,9 @@ class Pkcs11Uri:
             raise UsageError("a key URI must name both the token and the object (pkcs11:token=...;object=...).")
         kind = attrs.get("type", "private")
         if kind not in ("private", "public", "cert", "secret-key"):
-            raise UsageError(f"the PKCS#11 URI type '{_shown(kind)}' is not supported.")
+            raise UsageError(f"the PKCS#11 URI type '{shown(kind)}' is not supported.")
         return cls(token=attrs["token"], object=attrs["object"], type=kind)
 
     def __str__(self) -> str:
         text = f"pkcs11:token={quote(self.token, safe=_SAFE)};object={quote(self.object, safe=_SAFE)}"
         return text if self.type == "private" else f"{text};type={self.type}"
-
-
-def _shown(text: str) -> str:
-    """A bounded, printable rendering of user input for an error message."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= 60 else clean[:57] + "..."

@@ -18,7 +18,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from stampline.errors import StamplineError
+from stampline.errors import StamplineError, shown
 from stampline.pki.policy import CsrRefused, check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.protocol import messages as m
@@ -231,7 +231,7 @@ class Flow:
         self.ctx.ledger.device_seen(r.chip_id, hello.chip_model, hello.mfg_fw_version, hello.app_fw_version,
                                     r.port, self.ctx.batch_id)
         if hello.chip_model != self.recipe.chip:
-            raise StamplineError(f"the device is an {_shown(hello.chip_model)}, but the recipe is for {self.recipe.chip}.")
+            raise StamplineError(f"the device is an {shown(hello.chip_model, 40)}, but the recipe is for {self.recipe.chip}.")
         return hello
 
     def _firmware_plan(self, hello: m.HelloReply) -> list[tuple[str, CheckedImage]]:
@@ -244,11 +244,11 @@ class Flow:
             image = firmware.images.get(part)
             if version is not None and compare_versions(reported, rule.min_version_text) >= 0:
                 continue
-            shown = _shown(reported) if reported else "missing"
+            described = shown(reported, 40) if reported else "missing"
             if image is None:
                 if version is None and reported:
-                    raise StamplineError(f"the device reports an unreadable {part} firmware version '{shown}'.")
-                raise StamplineError(f"the device's {part} firmware {shown} is below the recipe's minimum "
+                    raise StamplineError(f"the device reports an unreadable {part} firmware version '{described}'.")
+                raise StamplineError(f"the device's {part} firmware {described} is below the recipe's minimum "
                                      f"{rule.min_version_text}, and the recipe names no image to flash.")
             plan.append((part, image))
         return plan
@@ -270,7 +270,7 @@ class Flow:
                 hello = self._await_boot(self.ctx.boot_timeout)
             reported = hello.mfg_fw_version if part == "manufacturing" else hello.app_fw_version
             if reported != image.version:
-                raise StamplineError(f"after flashing, the device reports {part} firmware '{_shown(reported)}', "
+                raise StamplineError(f"after flashing, the device reports {part} firmware '{shown(reported, 40)}', "
                                      f"not {image.version}.")
             return hello
         hello = self._step(f"check_{part}", restart)
@@ -425,8 +425,3 @@ class Flow:
     def _finish(self) -> None:
         self.link.request(m.Finish(), timeout=3.0)
         self.ctx.ledger.set_state(self.result.chip_id, DeviceState.PROVISIONED)
-
-
-def _shown(text: str) -> str:
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= 40 else clean[:37] + "..."
