@@ -35,6 +35,7 @@ from stampline import ceremony, recipe as recipes
 from stampline.pki.policy import check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.pki.token import Scheme
+from stampline.station.issuance import IssuanceDesk
 from stampline.station.ledger import Ledger
 from stampline.workspace import Workspace
 
@@ -57,14 +58,14 @@ def profile(serial: str) -> DeviceProfile:
 
 def ours(workspace: Workspace, issuer: DeviceIssuer, csrs: list[tuple[str, str, bytes]], round_no: int) -> float:
     """Full issuance with 8 concurrent callers; returns certificates per second."""
-    with Ledger(workspace.root / f"bench-{round_no}.sqlite", station_id="bench") as ledger:
+    with Ledger(workspace.root / f"bench-{round_no}.sqlite", station_id="bench") as ledger, \
+            IssuanceDesk(issuer, ledger) as desk:
         batch = ledger.open_batch("bench", "00" * 32)
 
-        def one(item: tuple[str, str, bytes]) -> None:
+        def one(item: tuple[str, str, bytes]) -> None:  # what a port's flow does: policy, then the desk
             chip, serial, csr = item
             accepted = check_csr(csr, profile(serial), csr_subject(serial, "Bench", chip), ledger.public_key_issued)
-            cert = issuer.issue(accepted, profile(serial), chip)
-            ledger.record_issuance(chip, batch, serial, cert, accepted.public_key_sha256)
+            desk.issue(accepted, profile(serial), chip, batch, serial)
 
         for chip, serial, _ in csrs:  # devices are seen before their issuance, as on the line
             ledger.device_seen(chip, "esp32c3", "1.0.0", "1.0.0", "bench", batch)

@@ -81,7 +81,7 @@ def test_line_provisions_every_port_and_each_chain_verifies(workspace: Workspace
         # every step was timed and journaled
         with Ledger.open_readonly(workspace.ledger_path) as ledger:
             steps = {s.step for s in ledger.steps(device.chip_id)}
-        assert {"identify", "keygen", "csr", "policy", "sign", "commit", "write_cert", "verify_cert",
+        assert {"identify", "keygen", "csr", "policy", "issue", "write_cert", "verify_cert",
                 "write_stamp", "finish"} <= steps
 
 

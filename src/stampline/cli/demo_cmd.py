@@ -34,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     if report.created:
         print("created: " + ", ".join(report.created))
-    print(f"{'serial':12} {'chip id':12} {'station':>8} {'keygen':>7} {'sign':>6} {'commit':>7} "
+    print(f"{'serial':12} {'chip id':12} {'station':>8} {'keygen':>7} {'issue':>6} "
           f"{'flash':>7} {'1st boot':>9} {'(encrypt)':>9}  secure boot  flash enc.  cloud            outcome")
     for r in report.results:
         sec = _security(report, r.chip_id)
@@ -43,7 +43,7 @@ def run_demo(args: argparse.Namespace) -> int:
         outcome = r.outcome if r.outcome != "failed" else f"FAILED at {r.step}: {r.reason}"
         phases = sec["first_boot_phases"]
         print(f"{r.serial or '-':12} {r.chip_id or '-':12} {station * 1000:6.0f}ms {_ms(r, 'keygen'):>7} "
-              f"{_ms(r, 'sign'):>6} {_ms(r, 'commit'):>7} {flash * 1000:5.0f}ms "
+              f"{_ms(r, 'issue'):>6} {flash * 1000:5.0f}ms "
               f"{sum(phases.values()):8.1f}s {phases.get('flash_encryption', 0.0):8.1f}s  "
               f"{'on' if sec['secure_boot'] else 'OFF':11}  {'on' if sec['flash_encryption'] else 'OFF':10}  "
               f"{(sec['cloud_state'] or '-') + (' + hello' if sec['hello'] else ''):15}  {outcome}")

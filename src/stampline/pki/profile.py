@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 _NAME_OIDS = {"country": NameOID.COUNTRY_NAME, "organization": NameOID.ORGANIZATION_NAME,
               "organizational_unit": NameOID.ORGANIZATIONAL_UNIT_NAME, "common_name": NameOID.COMMON_NAME}
+#: an accepted CSR, the profile to issue it under and the chip id
+IssueRequest = tuple["AcceptedCsr", "DeviceProfile", str]
 KEY_TYPES = {"ec-p256": ("ec", 256), "rsa-2048": ("rsa", 2048), "rsa-3072": ("rsa", 3072)}
 
 
@@ -45,12 +47,13 @@ class DeviceProfile:
 class DeviceIssuer:
     """Signs device certificates with the Sub CA key through its token."""
 
-    def __init__(self, ca_cert: x509.Certificate, signer: px.Signer) -> None:
+    def __init__(self, ca_cert: x509.Certificate, signer: px.BatchSigner) -> None:
         if px.spki_der(signer.public_key) != px.spki_der(ca_cert.public_key()):  # type: ignore[arg-type]
             raise StamplineError("the Sub CA key in the token does not match the Sub CA certificate.")
         self.ca_cert = ca_cert
         self.signer = signer
         # what every device certificate carries, encoded once (the hot path of the line)
+        self._issuer_name = ca_cert.subject.public_bytes()
         aki = px.extension(x509.AuthorityKeyIdentifier(px.key_identifier(signer.public_key), None, None), False)
         self._constant = {rsa_key: [px.extension(x509.BasicConstraints(ca=False, path_length=None), True),
                                     px.extension(_key_usage(rsa_key), True),
@@ -59,18 +62,29 @@ class DeviceIssuer:
         self._authority_key_id = aki
 
     def issue(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> bytes:
+        return self.issue_many([(accepted, profile, chip_id)])[0]
+
+    def issue_many(self, requests: Sequence[IssueRequest]) -> list[bytes]:
+        """Certificates for several accepted CSRs (with their profile and chip id), signed in one
+        trip to the token; in the order asked."""
+        tbs = [px.tbs_certificate(self._fields(*request), self.signer.scheme) for request in requests]
+        return self._assemble(tbs, self.signer.sign_many(tbs))
+
+    def _assemble(self, tbs: list[bytes], signatures: list[bytes]) -> list[bytes]:
+        return [px.with_signature(item, self.signer.scheme, signature) for item, signature in zip(tbs, signatures)]
+
+    def _fields(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> px.CertificateFields:
         now = datetime.now(timezone.utc).replace(microsecond=0)
         not_after = min(now + timedelta(days=profile.validity_days), self.ca_cert.not_valid_after_utc)
         rsa_key = isinstance(accepted.public_key, rsa.RSAPublicKey)
-        fields = px.CertificateFields(
-            serial_number=random_serial(), issuer=self.ca_cert.subject, subject=profile.certificate_subject(chip_id),
+        return px.CertificateFields(
+            serial_number=random_serial(), issuer=self._issuer_name, subject=profile.certificate_subject(chip_id),
             not_before=now - timedelta(minutes=5), not_after=not_after, public_key_der=accepted.public_key_der,
             extensions=[
                 *self._constant[rsa_key],
                 (x509.SubjectKeyIdentifier(px.key_identifier(accepted.public_key)), False),
                 self._authority_key_id,
             ])
-        return px.sign_certificate(fields, self.signer)
 
 
 def _key_usage(rsa_key: bool) -> x509.KeyUsage:

@@ -36,6 +36,13 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
 
 
+class BatchSigner(Signer, Protocol):
+    def sign_many(self, items: Sequence[bytes]) -> list[bytes]:
+        """One signature per item, in order, for the price of one trip to the key."""
+        ...
+
+
+
 def spki_der(public_key: PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -56,8 +63,8 @@ def extension(value: x509.ExtensionType, critical: bool) -> bytes:
 @dataclass(frozen=True)
 class CertificateFields:
     serial_number: int
-    issuer: x509.Name
-    subject: x509.Name
+    issuer: x509.Name | bytes  # bytes: the Name already DER-encoded
+    subject: x509.Name | bytes
     not_before: datetime
     not_after: datetime
     public_key_der: bytes  # SubjectPublicKeyInfo, taken verbatim (from a CSR or a token)
@@ -69,17 +76,26 @@ def tbs_certificate(fields: CertificateFields, scheme: Scheme) -> bytes:
         der.explicit(0, der.integer(2)),
         der.integer(fields.serial_number),
         _ALGORITHM_IDS[scheme],
-        fields.issuer.public_bytes(),
+        _name_der(fields.issuer),
         der.seq(der.time(fields.not_before), der.time(fields.not_after)),
-        fields.subject.public_bytes(),
+        _name_der(fields.subject),
         fields.public_key_der,
         der.explicit(3, der.seq(*(item if isinstance(item, bytes) else extension(*item) for item in fields.extensions))),
     )
 
 
+def _name_der(name: x509.Name | bytes) -> bytes:
+    return name if isinstance(name, bytes) else name.public_bytes()
+
+
 def signed(tbs: bytes, signer: Signer) -> bytes:
     """``SEQUENCE { tbs, signatureAlgorithm, signature }`` — the shape of certs, CSRs and CRLs."""
-    return der.seq(tbs, _ALGORITHM_IDS[signer.scheme], der.bit_string(signer.sign(tbs)))
+    return with_signature(tbs, signer.scheme, signer.sign(tbs))
+
+
+def with_signature(tbs: bytes, scheme: Scheme, signature: bytes) -> bytes:
+    """`signed`, for a signature made already (one of a batch)."""
+    return der.seq(tbs, _ALGORITHM_IDS[scheme], der.bit_string(signature))
 
 
 def sign_certificate(fields: CertificateFields, signer: Signer) -> bytes:

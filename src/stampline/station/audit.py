@@ -45,7 +45,13 @@ def canonical_json(value: Any) -> str:
 
 
 def record_hash(prev_hash: str, seq: int, at: float, kind: str, chip_id: str | None, payload: Any) -> str:
-    body = canonical_json([seq, at, kind, chip_id, payload])
+    return _hash_body(prev_hash, seq, at, kind, chip_id, canonical_json(payload))
+
+
+def _hash_body(prev_hash: str, seq: int, at: float, kind: str, chip_id: str | None, payload_json: str) -> str:
+    """`record_hash` for a payload already in canonical JSON: the list's JSON with it spliced in last."""
+    head_json = canonical_json([seq, at, kind, chip_id])
+    body = f"{head_json[:-1]},{payload_json}]"
     return hashlib.sha256(prev_hash.encode("utf-8") + body.encode("utf-8")).hexdigest()
 
 
@@ -68,17 +74,22 @@ def head(conn: sqlite3.Connection) -> tuple[int, str]:
 
 
 def record(conn: sqlite3.Connection, kind: str, chip_id: str | None, rows: dict[str, object], **extra: Any) -> int:
-    """Append a record describing ``rows`` ({table: key}) as they are now; call inside the write."""
+    """Append a record describing ``rows`` as they are now; call inside the write.
+
+    ``rows`` maps a table to the key of the row, which is read back here, or to the row itself
+    as an ``INSERT/UPDATE ... RETURNING *`` gave it (the same thing, without the read).
+    """
     payload: dict[str, Any] = dict(extra)
     for table, key in rows.items():
-        row = conn.execute(f"SELECT * FROM {table} WHERE {TABLE_KEYS[table]} = ?", (key,)).fetchone()
+        row = key if isinstance(key, sqlite3.Row) else \
+            conn.execute(f"SELECT * FROM {table} WHERE {TABLE_KEYS[table]} = ?", (key,)).fetchone()
         payload[table] = snapshot(row)
     last_seq, prev_hash = head(conn)
     seq, at = last_seq + 1, time.time()
+    text = canonical_json(payload)
     conn.execute(
         "INSERT INTO audit (seq, at, kind, chip_id, payload, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (seq, at, kind, chip_id, canonical_json(payload), prev_hash,
-         record_hash(prev_hash, seq, at, kind, chip_id, payload)),
+        (seq, at, kind, chip_id, text, prev_hash, _hash_body(prev_hash, seq, at, kind, chip_id, text)),
     )
     return seq
 

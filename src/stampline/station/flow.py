@@ -27,6 +27,7 @@ from stampline.protocol.wire import ProtocolError
 from stampline.firmware.image import compare_versions
 from stampline.recipe import Recipe, parse_version
 from stampline.station.firmware_set import CheckedImage, FirmwareSet
+from stampline.station.issuance import IssuanceDesk
 from stampline.station.ledger import DeviceState, Ledger
 
 KEY_TYPES = {"ec-p256": m.KeyType.EC_P256, "rsa-2048": m.KeyType.RSA_2048, "rsa-3072": m.KeyType.RSA_3072}
@@ -47,13 +48,14 @@ class DeviceFailed(StamplineError):
 
 @dataclass
 class StationContext:
-    """What every flow on the line shares: recipe, issuer, ledger, the open batch."""
+    """What every flow on the line shares: recipe, issuer, ledger, the open batch, the issuance desk."""
 
     recipe: Recipe
     issuer: DeviceIssuer
     ledger: Ledger
     batch_id: int
     firmware: FirmwareSet
+    desk: IssuanceDesk
     rework: bool = False
     boot_timeout: float = BOOT_TIMEOUT
     first_boot_timeout: float = FIRST_BOOT_TIMEOUT
@@ -211,10 +213,9 @@ class Flow:
             assert isinstance(csr, bytes)
             accepted = self._step("policy", lambda: check_csr(csr, self._profile(), self._csr_subject(),
                                                                lambda digest: ledger.public_key_issued(digest)))
-            cert_der = self._step("sign", lambda: self.ctx.issuer.issue(accepted, self._profile(), r.chip_id))  # type: ignore[arg-type]
+            cert_der = self._step("issue", lambda: self.ctx.desk.issue(  # signed, and durable in the ledger
+                accepted, self._profile(), r.chip_id, self.ctx.batch_id, r.serial))  # type: ignore[arg-type]
             assert isinstance(cert_der, bytes)
-            self._step("commit", lambda: ledger.record_issuance(
-                r.chip_id, self.ctx.batch_id, r.serial, cert_der, accepted.public_key_sha256))  # type: ignore[union-attr]
         self._write_certificate(cert_der)
         self._step("write_stamp", self._write_stamp)
         self._step("finish", self._finish)

@@ -33,7 +33,7 @@ from stampline.station import audit
 from stampline.station import ledger_ops as ops
 from stampline.station import ledger_schema as schema
 from stampline.station.ledger_schema import DeviceState
-from stampline.station.ledger_writer import GroupCommitWriter
+from stampline.station.ledger_writer import GroupCommitWriter, Ticket
 
 __all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Ledger", "LedgerView", "RefusalRecord",
            "StepRecord"]
@@ -282,7 +282,6 @@ class Ledger(LedgerView):
         self._init_reads()
         self._writer = GroupCommitWriter(conn, max_group=max_group)
         weakref.finalize(self, self._writer.close)  # a forgotten close() still commits what is queued, at exit
-        self._background_errors: list[BaseException] = []
 
     @staticmethod
     def open_readonly(path: str | os.PathLike[str]) -> LedgerView:
@@ -303,9 +302,9 @@ class Ledger(LedgerView):
     def flush(self) -> None:
         """Wait until everything queued so far (fire-and-forget steps too) is committed."""
         self._write(lambda conn: None)
-        if self._background_errors:
-            error, *self._background_errors = self._background_errors
-            raise error
+        failures = self._writer.failures
+        if failures:
+            raise failures.pop(0)
 
     def open_batch(self, recipe_name: str, recipe_sha256: str, note: str = "") -> int:
         digest = _sha256_hex(recipe_sha256, "recipe hash")
@@ -347,16 +346,9 @@ class Ledger(LedgerView):
         """Queue a step record without waiting for it to be durable; `flush` waits (and reports failures)."""
         if outcome not in STEP_OUTCOMES:
             raise StamplineError(f"a step outcome is one of {', '.join(STEP_OUTCOMES)}, not '{outcome}'.")
-        future = self._writer.submit(partial(
+        self._writer.post(partial(
             ops.record_step, chip_id=_chip(chip_id), batch_id=batch_id, step=step, started_at=float(started_at),
             duration_s=float(duration_s), outcome=outcome, detail=detail))
-        future.add_done_callback(self._background_done)
-
-    def _background_done(self, future: Any) -> None:
-        error = future.exception()
-        if error is not None:
-            log.error("a step record was not written: %s", error)
-            self._background_errors.append(error)
 
     def record_issuance(self, chip_id: str, batch_id: int, device_serial: str, cert_der: bytes,
                         public_key_sha256: str) -> None:
@@ -365,6 +357,14 @@ class Ledger(LedgerView):
         Refused: a chip that already holds a live certificate, a key already certified for
         another chip, a serial other than the chip's, a DER whose key does not hash to
         ``public_key_sha256`` (SHA-256 of the DER SubjectPublicKeyInfo).
+        """
+        self.submit_issuance(chip_id, batch_id, device_serial, cert_der, public_key_sha256).result()
+
+    def submit_issuance(self, chip_id: str, batch_id: int, device_serial: str, cert_der: bytes,
+                        public_key_sha256: str, ticket: Ticket[None] | None = None) -> Ticket[None]:
+        """`record_issuance` without the wait: the ticket settles once the record is durable (or refused).
+
+        A certificate that cannot be read, or that holds another key, is refused here and now.
         """
         chip_id = _chip(chip_id)
         digest = _sha256_hex(public_key_sha256, "public key hash")
@@ -384,8 +384,9 @@ class Ledger(LedgerView):
                                  "it was recorded for.")
         if not device_serial:
             raise StamplineError("a certificate must name the device serial.")
-        self._write(ops.record_issuance, chip_id=chip_id, batch_id=batch_id, device_serial=device_serial,
-                    der=cert_der, public_key_sha256=digest, **fields)
+        return self._writer.submit(partial(ops.record_issuance, chip_id=chip_id, batch_id=batch_id,
+                                           device_serial=device_serial, der=cert_der, public_key_sha256=digest,
+                                           **fields), ticket)
 
     def record_refusal(self, chip_id: str, batch_id: int, device_serial: str | None, step: str, reason: str,
                        csr_der: bytes | None) -> None:

@@ -117,39 +117,49 @@ def set_state(conn: sqlite3.Connection, *, chip_id: str, state: DeviceState, det
 def record_step(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, step: str, started_at: float,
                  duration_s: float, outcome: str, detail: str) -> None:
     _require_batch(conn, batch_id)
-    cursor = conn.execute("INSERT INTO steps (chip_id, batch_id, step, started_at, duration_s, outcome, detail)"
-                          " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (chip_id, batch_id, step, started_at, duration_s, outcome, detail))
-    audit.record(conn, "step", chip_id, {"steps": cursor.lastrowid})
+    (row,) = conn.execute("INSERT INTO steps (chip_id, batch_id, step, started_at, duration_s, outcome, detail)"
+                          " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                          (chip_id, batch_id, step, started_at, duration_s, outcome, detail)).fetchall()
+    audit.record(conn, "step", chip_id, {"steps": row})
 
 
 def record_issuance(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, device_serial: str, der: bytes,
                      public_key_sha256: str, cert_serial: str, subject: str, not_before: float,
                      not_after: float) -> None:
-    _require_batch(conn, batch_id)
-    device = _require_device(conn, chip_id)
-    live = _live_serial(conn, chip_id)
+    # every precondition in one statement: the line's hot path, where each statement costs a GIL hand-off
+    found = conn.execute(
+        "SELECT (SELECT 1 FROM batches WHERE id = :batch),"
+        " (SELECT 1 FROM devices WHERE chip_id = :chip),"
+        " (SELECT serial FROM devices WHERE chip_id = :chip),"
+        " (SELECT cert_serial FROM certificates WHERE chip_id = :chip AND revoked_at IS NULL),"
+        " (SELECT chip_id FROM certificates WHERE public_key_sha256 = :key AND chip_id <> :chip LIMIT 1),"
+        " (SELECT 1 FROM certificates WHERE cert_serial = :serial)",
+        {"batch": batch_id, "chip": chip_id, "key": public_key_sha256, "serial": cert_serial}).fetchone()
+    batch_known, device_known, serial, live, holder, serial_taken = found
+    if batch_known is None:
+        raise StamplineError(f"batch {batch_id} is not in the ledger.")
+    if device_known is None:
+        raise StamplineError(f"chip {chip_id} has not been seen by this ledger.")
     if live is not None:
         raise StamplineError(f"chip {chip_id} already holds the live certificate {live}; "
                              "revoke it before issuing another.")
-    holder = conn.execute("SELECT chip_id FROM certificates WHERE public_key_sha256 = ? AND chip_id <> ? LIMIT 1",
-                          (public_key_sha256, chip_id)).fetchone()
     if holder is not None:
-        raise StamplineError(f"the public key of chip {chip_id} was already certified for chip {holder[0]}.")
-    if conn.execute("SELECT 1 FROM certificates WHERE cert_serial = ?", (cert_serial,)).fetchone():
+        raise StamplineError(f"the public key of chip {chip_id} was already certified for chip {holder}.")
+    if serial_taken:
         raise StamplineError(f"a certificate with serial {cert_serial} is already in the ledger.")
-    if device["serial"] is None:
+    if serial is None:
         _claim_serial(conn, chip_id, device_serial)
-    elif device["serial"] != device_serial:
-        raise StamplineError(f"chip {chip_id} has serial {device['serial']}, not {device_serial}.")
+    elif serial != device_serial:
+        raise StamplineError(f"chip {chip_id} has serial {serial}, not {device_serial}.")
     now = time.time()
-    conn.execute("INSERT INTO certificates (cert_serial, chip_id, device_serial, subject, public_key_sha256, der,"
-                 " not_before, not_after, issued_at, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (cert_serial, chip_id, device_serial, subject, public_key_sha256, der, not_before, not_after,
-                  now, batch_id))
-    conn.execute("UPDATE devices SET state = ?, updated_at = ? WHERE chip_id = ?",
-                 (DeviceState.ISSUED.value, now, chip_id))
-    audit.record(conn, "certificate_issued", chip_id, {"certificates": cert_serial, "devices": chip_id})
+    (certificate,) = conn.execute(
+        "INSERT INTO certificates (cert_serial, chip_id, device_serial, subject, public_key_sha256, der,"
+        " not_before, not_after, issued_at, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        (cert_serial, chip_id, device_serial, subject, public_key_sha256, der, not_before, not_after,
+         now, batch_id)).fetchall()
+    (device,) = conn.execute("UPDATE devices SET state = ?, updated_at = ? WHERE chip_id = ? RETURNING *",
+                             (DeviceState.ISSUED.value, now, chip_id)).fetchall()
+    audit.record(conn, "certificate_issued", chip_id, {"certificates": certificate, "devices": device})
 
 
 def record_refusal(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, device_serial: str | None, step: str,

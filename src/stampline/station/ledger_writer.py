@@ -1,9 +1,9 @@
 """Group commit: one thread owns the ledger's write connection and commits callers' operations in groups.
 
-Callers enqueue an operation and get a Future. The writer takes everything queued (up to
+Callers enqueue an operation and get a `Ticket`. The writer takes everything queued (up to
 ``max_group`` operations), runs them in one ``BEGIN IMMEDIATE ... COMMIT`` (one fsync with
 synchronous=FULL), each inside its own SAVEPOINT so that a failing operation is rolled back
-alone, and resolves the futures only after COMMIT: a result means the write is durable.
+alone, and settles the tickets only after COMMIT: a result means the write is durable.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from concurrent.futures import Future
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from stampline.errors import StamplineError
 
@@ -23,24 +22,68 @@ Operation = Callable[[sqlite3.Connection], Any]
 log = logging.getLogger(__name__)
 
 
+class Ticket(Generic[T]):
+    """A result that one thread settles once and others wait for.
+
+    A pre-acquired lock rather than a `concurrent.futures.Future`: the line settles thousands
+    of these a second, and a Future's condition variable costs more than the write it reports.
+    """
+
+    __slots__ = ("_settled", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._settled = threading.Lock()
+        self._settled.acquire()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def set_result(self, value: T) -> None:
+        self._value = value
+        self._settled.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._settled.release()
+
+    def done(self) -> bool:
+        return not self._settled.locked()
+
+    def result(self) -> T:
+        """Wait until settled; raise the operation's exception, or return its value."""
+        with self._settled:  # acquired once settled, released for any other waiter
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
 class GroupCommitWriter:
     def __init__(self, conn: sqlite3.Connection, max_group: int = 512, name: str = "ledger-writer") -> None:
         self._conn = conn
         self._max_group = max_group
-        self._queue: queue.SimpleQueue[tuple[Operation, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Operation, Ticket[Any] | None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
         self.groups = 0  # committed transactions, for tests and statistics
+        self.failures: list[BaseException] = []  # of posted operations, in order
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, op: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        future: Future[T] = Future()
+    def submit(self, op: Callable[[sqlite3.Connection], T], ticket: Ticket[T] | None = None) -> Ticket[T]:
+        """Queue ``op``; its ticket (``ticket`` if given) is settled once the op is durable or failed."""
+        ticket = Ticket() if ticket is None else ticket
+        self._put(op, ticket)
+        return ticket
+
+    def post(self, op: Operation) -> None:
+        """Queue ``op`` without waiting for it; a failure is logged and kept in `failures`."""
+        self._put(op, None)
+
+    def _put(self, op: Operation, ticket: Ticket[Any] | None) -> None:
         with self._lock:  # nothing can be queued behind the stop marker
             if self._closed:
                 raise StamplineError("the ledger is closed.")
-            self._queue.put((op, future))
-        return future
+            self._queue.put((op, ticket))
 
     def close(self) -> None:
         """Commit everything queued, then stop the thread and close the connection."""
@@ -67,44 +110,68 @@ class GroupCommitWriter:
                     stop = True
                     break
                 group.append(item)
-            self._commit([(op, f) for op, f in group if f.set_running_or_notify_cancel()])
+            self._commit(group)
             if stop:
                 return
 
-    def _commit(self, group: list[tuple[Operation, Future[Any]]]) -> None:
-        conn = self._conn
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+    def _commit(self, group: list[tuple[Operation, Ticket[Any] | None]]) -> None:
+        """Commit the group; settle each ticket with its op's result or exception.
+
+        The ops run first without savepoints (two statements fewer each: the line's hot path).
+        If one fails, the transaction is rolled back and the group runs again, each op in its
+        own savepoint, so that only the failing op is lost. Ops are pure functions of the
+        connection, so running one twice before a commit is safe.
+        """
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, future in group:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = op(conn)
-                except Exception as exc:
-                    if not conn.in_transaction:  # SQLite abandoned the whole transaction (I/O error, full disk)
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((future, None, exc))
-                else:
-                    conn.execute("RELEASE op")
-                    results.append((future, result, None))
-            conn.execute("COMMIT")
+            results = self._run_group(group, isolated=len(group) == 1)
+            if results is None:
+                results = self._run_group(group, isolated=True)
+            assert results is not None
         except Exception as exc:
             log.exception("ledger group commit failed")
             try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             failure = StamplineError(f"the ledger could not commit: {exc}.")
-            own = {id(f): e for f, _, e in results if e is not None}
-            for _, future in group:
-                future.set_exception(own.get(id(future), failure))
-            return
-        self.groups += 1
-        for future, result, error in results:
-            if error is None:
-                future.set_result(result)
+            results = [(None, failure)] * len(group)
+        else:
+            self.groups += 1
+        for (_, ticket), (result, error) in zip(group, results):
+            if ticket is None:
+                if error is not None:
+                    log.error("a queued ledger write failed: %s", error)
+                    self.failures.append(error)
+            elif error is None:
+                ticket.set_result(result)
             else:
-                future.set_exception(error)
+                ticket.set_exception(error)
+
+    def _run_group(self, group: list[tuple[Operation, Ticket[Any] | None]],
+                   isolated: bool) -> list[tuple[Any, BaseException | None]] | None:
+        """One transaction over the group, committed. Not isolated: None as soon as an op fails
+        (rolled back). Isolated: each op in a savepoint, its failure kept as its result."""
+        conn = self._conn
+        results: list[tuple[Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for op, _ in group:
+            if isolated:
+                conn.execute("SAVEPOINT op")
+            try:
+                result = op(conn)
+            except Exception as exc:
+                if not conn.in_transaction:  # SQLite abandoned the whole transaction (I/O error, full disk)
+                    raise
+                if not isolated:
+                    conn.execute("ROLLBACK")
+                    return None
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((None, exc))
+            else:
+                if isolated:
+                    conn.execute("RELEASE op")
+                results.append((result, None))
+        conn.execute("COMMIT")
+        return results

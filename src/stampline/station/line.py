@@ -1,8 +1,9 @@
 """The line: one flow per port, all ports at once, with a progress display for the operator.
 
 A failure stays with its device: the other ports go on. Ports run on threads (the work is
-waiting on serial lines); signing goes through the token's single owner thread and ledger
-writes through the ledger's group-commit writer, so neither is touched concurrently.
+waiting on serial lines); certificates are signed and recorded by the issuance desk, in batches,
+through the token's single owner thread and the ledger's group-commit writer, so neither is
+touched concurrently.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from stampline.protocol.link import Link
 from stampline.recipe import Recipe
 from stampline.station.firmware_set import FirmwareSet
 from stampline.station.flow import DeviceResult, Flow, StationContext
+from stampline.station.issuance import IssuanceDesk
 from stampline.station.ledger import Ledger
 from stampline.workspace import Workspace
 
@@ -37,8 +39,9 @@ def open_station(workspace: Workspace, recipe: Recipe, rework: bool = False, not
     ledger = Ledger(workspace.ledger_path, station_id=config.station_id)
     try:
         batch = ledger.open_batch(recipe.product, recipe.sha256, note)
-        yield StationContext(recipe=recipe, issuer=issuer, ledger=ledger, batch_id=batch, firmware=firmware,
-                             rework=rework)
+        with IssuanceDesk(issuer, ledger) as desk:
+            yield StationContext(recipe=recipe, issuer=issuer, ledger=ledger, batch_id=batch, firmware=firmware,
+                                 desk=desk, rework=rework)
     finally:
         ledger.close()
 
