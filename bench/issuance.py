@@ -1,7 +1,8 @@
 """Issuance throughput through SoftHSM2, beside its baselines, measured in the same run.
 
   ours          CSR -> policy -> token signature -> durable ledger commit -> certificate,
-                8 concurrent callers (as 8 ports would be)
+                8 concurrent callers (as 8 ports would be: policy in the caller, then the issuance desk)
+  no ledger     diagnostic: policy and token signature, 8 callers, nothing recorded
   raw cert      CSR -> certificate through the same token, no policy, no ledger, one caller
   raw sign      bare ECDSA P-256 signatures through the same token owner thread
   openssl       `openssl x509 -req` run as one process per certificate (software CA key)
@@ -76,6 +77,19 @@ def ours(workspace: Workspace, issuer: DeviceIssuer, csrs: list[tuple[str, str, 
         elapsed = time.perf_counter() - start
         assert len(ledger.certificates()) == len(csrs)
     return len(csrs) / elapsed
+
+
+def without_ledger(issuer: DeviceIssuer, csrs: list[tuple[str, str, bytes]]) -> float:
+    """Diagnostic: policy and token signing with 8 callers, and no ledger at all."""
+    def one(item: tuple[str, str, bytes]) -> None:
+        chip, serial, csr = item
+        accepted = check_csr(csr, profile(serial), csr_subject(serial, "Bench", chip), lambda _: None)
+        issuer.issue(accepted, profile(serial), chip)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, csrs))
+    return len(csrs) / (time.perf_counter() - start)
 
 
 def raw_cert(issuer: DeviceIssuer, csrs: list[tuple[str, str, bytes]]) -> float:
@@ -160,9 +174,10 @@ def main() -> int:
         token, label = workspace.config().key_token("sub_ca")
         issuer = DeviceIssuer(ceremony.load_sub(workspace), token.signer(label))
         csrs = make_csrs(count)
-        figures: dict[str, list[float]] = {"ours": [], "raw_cert": [], "raw_sign": [], "openssl": []}
+        figures: dict[str, list[float]] = {"ours": [], "no_ledger": [], "raw_cert": [], "raw_sign": [], "openssl": []}
         for r in range(rounds):
             figures["ours"].append(ours(workspace, issuer, csrs, r))
+            figures["no_ledger"].append(without_ledger(issuer, csrs))
             figures["raw_cert"].append(raw_cert(issuer, csrs))
             figures["raw_sign"].append(raw_sign(workspace, count * 2))
             figures["openssl"].append(openssl_per_process(tmp, csrs[: max(40, count // 20)]))
@@ -172,6 +187,7 @@ def main() -> int:
     print(f"issuance through SoftHSM2, {count} EC P-256 certificates per round, median of {rounds} rounds")
     print(f"{'pipeline':58} {'certs/s':>10}")
     print(f"{'ours: CSR->policy->token->durable ledger (8 callers)':58} {med['ours']:10.0f}")
+    print(f"{'  diagnostic: policy->token, no ledger (8 callers)':58} {med['no_ledger']:10.0f}")
     print(f"{'raw cert: CSR->certificate through the token (1 caller)':58} {med['raw_cert']:10.0f}")
     print(f"{'raw sign: bare ECDSA signatures through the token':58} {med['raw_sign']:10.0f}")
     print(f"{'openssl x509 -req, one process per certificate':58} {med['openssl']:10.1f}")
