@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from stampline.errors import StamplineError
 from stampline.station.ledger import DeviceState, Ledger, LedgerView
 from stampline.station.ledger_schema import connect
-from stampline.station.ledger_writer import GroupCommitWriter
+from stampline.station.ledger_writer import GroupCommitWriter, Ticket
 
 RECIPE_SHA = "ab" * 32
 _CA_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -219,7 +218,7 @@ def test_a_failing_operation_does_not_lose_the_rest_of_its_group(tmp_path: Path)
             return value
         return op
 
-    futures: list[Future] = [writer.submit(insert(1)), writer.submit(insert(2, fail=True)), writer.submit(insert(3))]
+    futures: list[Ticket[int]] = [writer.submit(insert(1)), writer.submit(insert(2, fail=True)), writer.submit(insert(3))]
     groups = writer.groups
     gate.set()
     assert blocker.result() is True

@@ -1,12 +1,12 @@
 """The issuance desk: one thread that signs the line's accepted CSRs in batches and records them.
 
-Each port could sign through the token and commit to the ledger on its own, but then every
-certificate costs four thread hand-offs (to the token's owner thread and back, to the ledger's
-writer and back), and under the GIL those hand-offs cost more than the work. The desk takes
-whatever requests are queued, builds their certificates, has the token sign them in one round
-trip, and queues their ledger records together, so that they share one group commit. A port
-waits for its own record only: when `IssuanceDesk.issue` returns, the certificate is durable in
-the ledger, and nothing is ever returned that the ledger has not got.
+Each port could sign through the token and commit to the ledger on its own, at four thread
+hand-offs per certificate (to the token's owner thread and back, to the ledger's writer and
+back), each a context switch under the GIL. The desk takes whatever requests are queued, builds
+their certificates, has the token sign them in one round trip, and queues their ledger records
+together, so that they share one group commit. A port waits for its own record only: when
+`IssuanceDesk.issue` returns, the certificate is durable in the ledger, and nothing is ever
+returned that the ledger has not got. The CSR policy stays with the port (its own step).
 """
 
 from __future__ import annotations

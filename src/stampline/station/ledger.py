@@ -11,7 +11,6 @@ killed at any point reopens the file and finds everything that any call returned
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import sqlite3
@@ -38,7 +37,6 @@ from stampline.station.ledger_writer import GroupCommitWriter, Ticket
 __all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Ledger", "LedgerView", "RefusalRecord",
            "StepRecord"]
 
-log = logging.getLogger(__name__)
 
 STEP_OUTCOMES = ("ok", "failed", "skipped")
 _CHIP_ID = re.compile(r"[0-9a-f]{12}")
