@@ -81,7 +81,7 @@ def test_line_provisions_every_port_and_each_chain_verifies(workspace: Workspace
         # every step was timed and journaled
         with Ledger.open_readonly(workspace.ledger_path) as ledger:
             steps = {s.step for s in ledger.steps(device.chip_id)}
-        assert {"identify", "keygen", "csr", "policy", "issue", "write_cert", "verify_cert",
+        assert {"identify", "keygen", "csr", "issue", "write_cert", "verify_cert",
                 "write_stamp", "finish"} <= steps
 
 
@@ -144,7 +144,7 @@ def test_bad_csr_is_refused_recorded_and_others_finish(workspace: Workspace, emu
     results = {r.chip_id: r for r in provision(workspace, [good, bad])}
     assert results[good.chip_id].outcome == "provisioned"
     refused = results[bad.chip_id]
-    assert refused.outcome == "failed" and refused.step == "policy" and reason in refused.reason
+    assert refused.outcome == "failed" and refused.step == "issue" and reason in refused.reason
     with Ledger.open_readonly(workspace.ledger_path) as ledger:
         assert ledger.live_certificate(bad.chip_id) is None
         assert all(c.chip_id != bad.chip_id for c in ledger.certificates())

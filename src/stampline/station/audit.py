@@ -19,7 +19,7 @@ import json
 import sqlite3
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 from stampline.station.ledger_schema import (
     APPEND_ONLY_TRIGGERS, BLOB_COLUMNS, CERTIFIED_STATES, PRE_ISSUANCE_STATES, TABLE_KEYS, DeviceState,
@@ -84,14 +84,23 @@ def record(conn: sqlite3.Connection, kind: str, chip_id: str | None, rows: dict[
         row = key if isinstance(key, sqlite3.Row) else \
             conn.execute(f"SELECT * FROM {table} WHERE {TABLE_KEYS[table]} = ?", (key,)).fetchone()
         payload[table] = snapshot(row)
+    return record_many(conn, [(kind, chip_id, payload)])
+
+
+def record_many(conn: sqlite3.Connection, records: Sequence[tuple[str, str | None, dict[str, Any]]]) -> int:
+    """Append records given as (kind, chip_id, payload), payloads holding `snapshot`s, in one
+    INSERT; returns the last seq."""
     last_seq, prev_hash = head(conn)
-    seq, at = last_seq + 1, time.time()
-    text = canonical_json(payload)
-    conn.execute(
-        "INSERT INTO audit (seq, at, kind, chip_id, payload, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (seq, at, kind, chip_id, text, prev_hash, _hash_body(prev_hash, seq, at, kind, chip_id, text)),
-    )
-    return seq
+    at = time.time()
+    values: list[Any] = []
+    for seq, (kind, chip_id, payload) in enumerate(records, last_seq + 1):
+        text = canonical_json(payload)
+        digest = _hash_body(prev_hash, seq, at, kind, chip_id, text)
+        values += (seq, at, kind, chip_id, text, prev_hash, digest)
+        prev_hash = digest
+    conn.execute("INSERT INTO audit (seq, at, kind, chip_id, payload, prev_hash, hash) VALUES "
+                 + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(records)), values)
+    return last_seq + len(records)
 
 
 def verify(conn: sqlite3.Connection) -> list[str]:

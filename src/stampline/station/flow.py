@@ -1,6 +1,7 @@
 """The per-device flow of the Manufacturing Utility: identify, check firmware, allocate the
-serial, have the device make its key and CSR, apply the policy, sign through the token,
-commit to the ledger, write and read back the certificate, write the NVS stamp, finish.
+serial, have the device make its key and CSR, have the issuance desk apply the policy, sign
+through the token and commit to the ledger, write and read back the certificate, write the
+NVS stamp, finish.
 
 Every step is timed and journaled. The certificate is durable in the ledger before a byte of
 it goes to the device, so a crash at any point resumes without a second certificate.
@@ -211,10 +212,8 @@ class Flow:
                 self._step("keygen", self._keygen)
             csr = self._step("csr", self._get_csr)
             assert isinstance(csr, bytes)
-            accepted = self._step("policy", lambda: check_csr(csr, self._profile(), self._csr_subject(),
-                                                               lambda digest: ledger.public_key_issued(digest)))
-            cert_der = self._step("issue", lambda: self.ctx.desk.issue(  # signed, and durable in the ledger
-                accepted, self._profile(), r.chip_id, self.ctx.batch_id, r.serial))  # type: ignore[arg-type]
+            cert_der = self._step("issue", lambda: self.ctx.desk.issue(  # policy, token, durable in the ledger
+                csr, self._profile(), self._csr_subject(), r.chip_id, self.ctx.batch_id, r.serial))
             assert isinstance(cert_der, bytes)
         self._write_certificate(cert_der)
         self._step("write_stamp", self._write_stamp)

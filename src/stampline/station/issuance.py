@@ -1,12 +1,18 @@
-"""The issuance desk: one thread that signs the line's accepted CSRs in batches and records them.
+"""The issuance desk: one thread between the ports and the CA. CSRs come in; certificates that
+passed the CSR policy, were signed through the token and are durable in the ledger go out.
 
-Each port could sign through the token and commit to the ledger on its own, at four thread
-hand-offs per certificate (to the token's owner thread and back, to the ledger's writer and
-back), each a context switch under the GIL. The desk takes whatever requests are queued, builds
-their certificates, has the token sign them in one round trip, and queues their ledger records
-together, so that they share one group commit. A port waits for its own record only: when
-`IssuanceDesk.issue` returns, the certificate is durable in the ledger, and nothing is ever
-returned that the ledger has not got. The CSR policy stays with the port (its own step).
+Each port could do this on its own, but every certificate would then cost a dozen hand-offs of
+the GIL (policy reads, the token's owner thread, each ledger statement), each a context switch
+with eight ports competing. The desk takes whatever requests are queued, applies the policy to
+each, has the token sign the accepted ones in one round trip and hands their ledger records to
+the writer as one operation of a few statements. A port waits for its own request only: when
+`IssuanceDesk.issue` returns, the certificate is durable in the ledger, and nothing is returned
+that the ledger has not got.
+
+The desk does not wait for one batch's commit before taking the next, so the policy's question
+"was this key issued already?" is asked of the ledger and of the keys signed and not yet
+committed: two devices presenting one key are refused before the second is signed, in the same
+batch or in the next.
 """
 
 from __future__ import annotations
@@ -15,17 +21,20 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from cryptography import x509
+
 from stampline.errors import StamplineError
-from stampline.pki.policy import AcceptedCsr
+from stampline.pki.policy import AcceptedCsr, check_csr
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
-from stampline.station.ledger import Ledger
+from stampline.station.ledger import Issuance, Ledger
 from stampline.station.ledger_writer import Ticket
 
 
 @dataclass(eq=False)
 class _Request:
-    accepted: AcceptedCsr
+    csr: bytes
     profile: DeviceProfile
+    subject: x509.Name
     chip_id: str
     batch_id: int
     device_serial: str
@@ -34,7 +43,7 @@ class _Request:
 
 
 class IssuanceDesk:
-    """Signs and records device certificates for every port of a line; use it as a context manager."""
+    """Issues device certificates for every port of a line; use it as a context manager."""
 
     def __init__(self, issuer: DeviceIssuer, ledger: Ledger, max_batch: int = 64) -> None:
         self.issuer = issuer
@@ -43,18 +52,22 @@ class IssuanceDesk:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
+        self._pending: dict[str, str] = {}  # public key SHA-256 -> chip: signed, commit not yet settled
+        self._pending_lock = threading.Lock()
         self.batches = 0  # signed in one trip to the token, for tests and statistics
         self._thread = threading.Thread(target=self._run, name="issuance-desk", daemon=True)
         self._thread.start()
 
-    def issue(self, accepted: AcceptedCsr, profile: DeviceProfile, chip_id: str, batch_id: int,
+    def issue(self, csr: bytes, profile: DeviceProfile, subject: x509.Name, chip_id: str, batch_id: int,
               device_serial: str) -> bytes:
-        """Sign a certificate for an accepted CSR and record it; returns the DER once it is durable.
+        """Apply the CSR policy (the CSR must carry ``subject``), sign, record; returns the DER
+        once the record is durable.
 
-        Raises what the token or the ledger refused (a second live certificate for the chip, a key
-        already certified for another chip): then nothing was recorded and nothing is returned.
+        Raises `CsrRefused` when the policy refuses the CSR, and `StamplineError` when the token
+        or the ledger refuses (a second live certificate for the chip, say): then nothing is
+        recorded and nothing is returned.
         """
-        request = _Request(accepted, profile, chip_id, batch_id, device_serial)
+        request = _Request(bytes(csr), profile, subject, chip_id, batch_id, device_serial)
         with self._lock:
             if self._closed:
                 raise StamplineError("the issuance desk is closed.")
@@ -95,18 +108,59 @@ class IssuanceDesk:
                 batch.append(request)
             self._serve(batch)
 
+    def _issued_to(self, public_key_sha256: str) -> str | None:
+        with self._pending_lock:
+            pending = self._pending.get(public_key_sha256)
+        return pending or self.ledger.public_key_issued(public_key_sha256)
+
     def _serve(self, batch: list[_Request]) -> None:
-        try:
-            ders = self.issuer.issue_many([(r.accepted, r.profile, r.chip_id) for r in batch])
-        except Exception as exc:  # the token failed: every port in the batch hears why
-            for request in batch:
+        accepted: list[tuple[_Request, AcceptedCsr]] = []
+        for request in batch:
+            try:
+                csr = check_csr(request.csr, request.profile, request.subject, self._issued_to)
+            except Exception as exc:  # CsrRefused, or a bug: this port hears it, the others go on
                 request.ticket.set_exception(exc)
+                continue
+            accepted.append((request, csr))
+            with self._pending_lock:
+                self._pending[csr.public_key_sha256] = request.chip_id
+        if not accepted:
+            return
+        try:
+            ders = self.issuer.issue_many([(csr, r.profile, r.chip_id) for r, csr in accepted])
+        except Exception as exc:  # the token failed: every port in the batch hears why
+            self._settled(accepted, [exc] * len(accepted))
             return
         self.batches += 1
-        for request, der in zip(batch, ders):
+        tickets = [_Settling(self, request, csr) for request, csr in accepted]
+        for (request, _), der in zip(accepted, ders):
             request.der = der
-            try:
-                self.ledger.submit_issuance(request.chip_id, request.batch_id, request.device_serial, der,
-                                            request.accepted.public_key_sha256, request.ticket)
-            except Exception as exc:  # refused before it was queued: the ticket is still ours to settle
-                request.ticket.set_exception(exc)
+        self.ledger.submit_issuances([Issuance(r.chip_id, r.batch_id, r.device_serial, r.der, csr.public_key_sha256)
+                                      for r, csr in accepted], tickets)
+
+    def _settled(self, accepted: list[tuple[_Request, AcceptedCsr]], errors: list[BaseException | None]) -> None:
+        for (request, csr), error in zip(accepted, errors):
+            with self._pending_lock:  # committed (the ledger answers now) or refused
+                self._pending.pop(csr.public_key_sha256, None)
+            if error is None:
+                request.ticket.set_result(None)
+            else:
+                request.ticket.set_exception(error)
+
+
+class _Settling(Ticket[None]):
+    """The ledger's ticket for one request: forgets the pending key, then settles the port's ticket."""
+
+    __slots__ = ("_desk", "_request", "_csr")
+
+    def __init__(self, desk: IssuanceDesk, request: _Request, csr: AcceptedCsr) -> None:
+        super().__init__()
+        self._desk, self._request, self._csr = desk, request, csr
+
+    def set_result(self, value: None) -> None:
+        super().set_result(value)
+        self._desk._settled([(self._request, self._csr)], [None])
+
+    def set_exception(self, error: BaseException) -> None:
+        super().set_exception(error)
+        self._desk._settled([(self._request, self._csr)], [error])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import dataclass
+from typing import Sequence
 
 from stampline.errors import StamplineError
 from stampline.station import audit
@@ -123,43 +125,99 @@ def record_step(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, step: 
     audit.record(conn, "step", chip_id, {"steps": row})
 
 
-def record_issuance(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, device_serial: str, der: bytes,
-                     public_key_sha256: str, cert_serial: str, subject: str, not_before: float,
-                     not_after: float) -> None:
-    # every precondition in one statement: the line's hot path, where each statement costs a GIL hand-off
-    found = conn.execute(
-        "SELECT (SELECT 1 FROM batches WHERE id = :batch),"
-        " (SELECT 1 FROM devices WHERE chip_id = :chip),"
-        " (SELECT serial FROM devices WHERE chip_id = :chip),"
-        " (SELECT cert_serial FROM certificates WHERE chip_id = :chip AND revoked_at IS NULL),"
-        " (SELECT chip_id FROM certificates WHERE public_key_sha256 = :key AND chip_id <> :chip LIMIT 1),"
-        " (SELECT 1 FROM certificates WHERE cert_serial = :serial)",
-        {"batch": batch_id, "chip": chip_id, "key": public_key_sha256, "serial": cert_serial}).fetchone()
-    batch_known, device_known, serial, live, holder, serial_taken = found
+@dataclass(frozen=True)
+class IssuanceRow:
+    """A certificate to record, with the fields the ledger read from its DER."""
+
+    chip_id: str
+    batch_id: int
+    device_serial: str
+    der: bytes
+    public_key_sha256: str
+    cert_serial: str
+    subject: str
+    not_before: float
+    not_after: float
+
+
+_CERTIFICATE_COLUMNS = ("cert_serial", "chip_id", "device_serial", "subject", "public_key_sha256", "der",
+                        "not_before", "not_after", "issued_at", "batch_id")
+
+
+def record_issuances(conn: sqlite3.Connection, *, rows: Sequence[IssuanceRow]) -> list[StamplineError | None]:
+    """Record certificates (the issuance desk's batch), each one refused or recorded as alone.
+
+    On the line's hot path every statement is a hand-off of the GIL, so the whole batch takes a
+    few statements: one for every precondition, one insert, one update, one audit insert. A
+    refused row is left out and its error is in its place in the result (None: recorded).
+    """
+    found = _preconditions(conn, rows)
+    errors: list[StamplineError | None] = []
+    recorded: list[IssuanceRow] = []
+    earlier: dict[str, IssuanceRow] = {}  # rows recorded before this one in the batch, by chip and by key
+    for row, pre in zip(rows, found):
+        try:
+            _check_issuance(conn, row, pre, earlier)
+        except StamplineError as exc:
+            errors.append(exc)
+            continue
+        errors.append(None)
+        recorded.append(row)
+        earlier[row.chip_id] = earlier[row.public_key_sha256] = row
+    if recorded:
+        now = time.time()
+        certificates = {r["cert_serial"]: r for r in conn.execute(
+            f"INSERT INTO certificates ({', '.join(_CERTIFICATE_COLUMNS)}) VALUES "
+            + ", ".join([f"({', '.join('?' * len(_CERTIFICATE_COLUMNS))})"] * len(recorded)) + " RETURNING *",
+            [value for r in recorded for value in (r.cert_serial, r.chip_id, r.device_serial, r.subject,
+                                                   r.public_key_sha256, r.der, r.not_before, r.not_after,
+                                                   now, r.batch_id)]).fetchall()}
+        devices = {r["chip_id"]: r for r in conn.execute(
+            f"UPDATE devices SET state = ?, updated_at = ? WHERE chip_id IN ({', '.join('?' * len(recorded))})"
+            " RETURNING *", [DeviceState.ISSUED.value, now, *(r.chip_id for r in recorded)]).fetchall()}
+        audit.record_many(conn, [("certificate_issued", r.chip_id,
+                                  {"certificates": audit.snapshot(certificates[r.cert_serial]),
+                                   "devices": audit.snapshot(devices[r.chip_id])}) for r in recorded])
+    return errors
+
+
+def _preconditions(conn: sqlite3.Connection, rows: Sequence[IssuanceRow]) -> list[sqlite3.Row]:
+    """Per row, in order: batch known, device known, the device's serial, its live certificate,
+    another chip holding the key, the certificate serial already used."""
+    wanted = ", ".join(["(?, ?, ?, ?, ?)"] * len(rows))
+    return conn.execute(
+        f"WITH wanted(i, chip, batch, key, serial) AS (VALUES {wanted})"
+        " SELECT (SELECT 1 FROM batches WHERE id = w.batch), d.chip_id IS NOT NULL, d.serial,"
+        " (SELECT cert_serial FROM certificates c WHERE c.chip_id = w.chip AND c.revoked_at IS NULL),"
+        " (SELECT chip_id FROM certificates c WHERE c.public_key_sha256 = w.key AND c.chip_id <> w.chip LIMIT 1),"
+        " (SELECT 1 FROM certificates c WHERE c.cert_serial = w.serial)"
+        " FROM wanted w LEFT JOIN devices d ON d.chip_id = w.chip ORDER BY w.i",
+        [value for i, r in enumerate(rows)
+         for value in (i, r.chip_id, r.batch_id, r.public_key_sha256, r.cert_serial)]).fetchall()
+
+
+def _check_issuance(conn: sqlite3.Connection, row: IssuanceRow, pre: sqlite3.Row,
+                    earlier: dict[str, IssuanceRow]) -> None:
+    batch_known, device_known, serial, live, holder, serial_taken = pre
+    chip_id = row.chip_id
     if batch_known is None:
-        raise StamplineError(f"batch {batch_id} is not in the ledger.")
-    if device_known is None:
+        raise StamplineError(f"batch {row.batch_id} is not in the ledger.")
+    if not device_known:
         raise StamplineError(f"chip {chip_id} has not been seen by this ledger.")
+    live = live or (earlier[chip_id].cert_serial if chip_id in earlier else None)
     if live is not None:
         raise StamplineError(f"chip {chip_id} already holds the live certificate {live}; "
                              "revoke it before issuing another.")
+    same_key = earlier.get(row.public_key_sha256)
+    holder = holder or (same_key.chip_id if same_key is not None else None)
     if holder is not None:
         raise StamplineError(f"the public key of chip {chip_id} was already certified for chip {holder}.")
-    if serial_taken:
-        raise StamplineError(f"a certificate with serial {cert_serial} is already in the ledger.")
+    if serial_taken or any(r.cert_serial == row.cert_serial for r in earlier.values()):
+        raise StamplineError(f"a certificate with serial {row.cert_serial} is already in the ledger.")
     if serial is None:
-        _claim_serial(conn, chip_id, device_serial)
-    elif serial != device_serial:
-        raise StamplineError(f"chip {chip_id} has serial {serial}, not {device_serial}.")
-    now = time.time()
-    (certificate,) = conn.execute(
-        "INSERT INTO certificates (cert_serial, chip_id, device_serial, subject, public_key_sha256, der,"
-        " not_before, not_after, issued_at, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-        (cert_serial, chip_id, device_serial, subject, public_key_sha256, der, not_before, not_after,
-         now, batch_id)).fetchall()
-    (device,) = conn.execute("UPDATE devices SET state = ?, updated_at = ? WHERE chip_id = ? RETURNING *",
-                             (DeviceState.ISSUED.value, now, chip_id)).fetchall()
-    audit.record(conn, "certificate_issued", chip_id, {"certificates": certificate, "devices": device})
+        _claim_serial(conn, chip_id, row.device_serial)
+    elif serial != row.device_serial:
+        raise StamplineError(f"chip {chip_id} has serial {serial}, not {row.device_serial}.")
 
 
 def record_refusal(conn: sqlite3.Connection, *, chip_id: str, batch_id: int, device_serial: str | None, step: str,

@@ -64,6 +64,30 @@ class Ticket(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+class Fanout(Ticket[list[BaseException | None]]):
+    """The ticket of an op done for several callers: the op returns one error (None: done) per
+    caller, in order, and each caller's own ticket is settled from it."""
+
+    __slots__ = ("_tickets",)
+
+    def __init__(self, tickets: list[Ticket[None]]) -> None:
+        super().__init__()
+        self._tickets = tickets
+
+    def set_result(self, value: list[BaseException | None]) -> None:
+        super().set_result(value)
+        for ticket, error in zip(self._tickets, value):
+            if error is None:
+                ticket.set_result(None)
+            else:
+                ticket.set_exception(error)
+
+    def set_exception(self, error: BaseException) -> None:
+        super().set_exception(error)
+        for ticket in self._tickets:
+            ticket.set_exception(error)
+
+
 class GroupCommitWriter:
     def __init__(self, conn: sqlite3.Connection, max_group: int = 512, name: str = "ledger-writer") -> None:
         self._conn = conn
