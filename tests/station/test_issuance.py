@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pytest
 from cryptography import x509
@@ -50,9 +50,10 @@ class CountingSigner:
     def sign(self, data: bytes) -> bytes:
         return self.sign_many([data])[0]
 
-    def sign_many(self, items: Sequence[bytes]) -> list[bytes]:
-        self.signed += len(items)
-        return self.inner.sign_many(items)
+    def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
+        signatures = self.inner.sign_many(items)
+        self.signed += len(signatures)
+        return signatures
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def at_once(work: dict[str, tuple]) -> dict[str, object]:  # type: ignore[type-a
             outcomes[chip_id] = desk.issue(*args)
         except StamplineError as exc:
             outcomes[chip_id] = exc
-    threads = [threading.Thread(target=port, args=(chip_id, *w)) for chip_id, w in work.items()]
+    threads = [threading.Thread(target=port, args=(chip_id, *w), daemon=True) for chip_id, w in work.items()]
     for t in threads:
         t.start()
     for t in threads:
@@ -170,8 +171,9 @@ def test_a_refusal_reaches_its_own_port_only(issuer: DeviceIssuer, ledger: Ledge
     assert ledger.verify() == []
 
 
-def test_a_token_failure_reaches_the_port_and_records_nothing(issuer: DeviceIssuer, ledger: Ledger) -> None:
-    batch = open_batch(ledger, ["000000000001"])
+def test_a_token_failure_reaches_every_port_and_records_nothing(issuer: DeviceIssuer, ledger: Ledger) -> None:
+    chips = [f"00000000000{i}" for i in range(1, 7)]
+    batch = open_batch(ledger, chips)
 
     class BrokenToken:
         public_key = issuer.signer.public_key
@@ -180,13 +182,14 @@ def test_a_token_failure_reaches_the_port_and_records_nothing(issuer: DeviceIssu
         def sign(self, data: bytes) -> bytes:
             raise StamplineError("token 'line' refused to sign with 'sub-ca': DeviceRemoved.")
 
-        def sign_many(self, items: Sequence[bytes]) -> list[bytes]:
-            return [self.sign(item) for item in items]
+        def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
+            raise StamplineError("token 'line' refused to sign with 'sub-ca': DeviceRemoved.")  # before any item
 
-    with IssuanceDesk(DeviceIssuer(issuer.ca_cert, BrokenToken()), ledger) as desk, \
-            pytest.raises(StamplineError, match="DeviceRemoved"):
-        desk.issue(csr("000000000001", "SN-1"), profile("SN-1"), subject("000000000001", "SN-1"), "000000000001",
-                   batch, "SN-1")
+    with IssuanceDesk(DeviceIssuer(issuer.ca_cert, BrokenToken()), ledger) as desk:
+        outcomes = at_once({c: (desk, (csr(c, f"SN-{i}"), profile(f"SN-{i}"), subject(c, f"SN-{i}"), c, batch,
+                                       f"SN-{i}")) for i, c in enumerate(chips)})
+    assert len(outcomes) == len(chips)  # every port was answered, none left waiting
+    assert all("DeviceRemoved" in str(o) for o in outcomes.values())
     assert ledger.certificates() == []
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -64,11 +64,17 @@ class DeviceIssuer:
     def issue(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> bytes:
         return self.issue_many([(accepted, profile, chip_id)])[0]
 
-    def issue_many(self, requests: Sequence[IssueRequest]) -> list[bytes]:
-        """Certificates for several accepted CSRs (with their profile and chip id), signed in one
-        trip to the token; in the order asked."""
-        tbs = [px.tbs_certificate(self._fields(*request), self.signer.scheme) for request in requests]
-        return self._assemble(tbs, self.signer.sign_many(tbs))
+    def issue_many(self, requests: Iterable[IssueRequest]) -> list[bytes]:
+        """Certificates for several accepted CSRs (with their profile and chip id), in the order
+        given. ``requests`` may be a generator that does work (the CSR policy): the token signs
+        one certificate while the next request is being made."""
+        tbs: list[bytes] = []
+
+        def built() -> Iterator[bytes]:
+            for request in requests:
+                tbs.append(px.tbs_certificate(self._fields(*request), self.signer.scheme))
+                yield tbs[-1]
+        return self._assemble(tbs, self.signer.sign_many(built()))
 
     def _assemble(self, tbs: list[bytes], signatures: list[bytes]) -> list[bytes]:
         return [px.with_signature(item, self.signer.scheme, signature) for item, signature in zip(tbs, signatures)]

@@ -16,7 +16,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
@@ -180,6 +180,11 @@ class _Owner:
             raise value
         return value  # type: ignore[no-any-return]
 
+    def post(self, reply: queue.SimpleQueue[Any], fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(state, *args)`` and return at once; ``(True, value)`` or ``(False, exception)``
+        is put on ``reply`` when it has run (in posting order)."""
+        self._queue.put((fn, args, reply))
+
     def _loop(self) -> None:
         while True:
             fn, args, reply = self._queue.get()
@@ -339,7 +344,17 @@ class TokenSigner:
     def sign(self, data: bytes) -> bytes:
         return owner().call(_sign, self.token.spec, self.label, data, self.scheme)
 
-    def sign_many(self, items: Sequence[bytes]) -> list[bytes]:
-        """Sign each item in one call to the owner thread (one hand-off for the whole batch)."""
-        spec, label, scheme = self.token.spec, self.label, self.scheme
-        return owner().call(lambda st: [_sign(st, spec, label, item, scheme) for item in items])
+    def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
+        """Sign each item, in order. Each is queued to the owner thread as soon as ``items``
+        yields it, so that the token signs one while the caller prepares the next (a generator
+        doing real work overlaps with the token); raises the first error after all are done."""
+        reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        spec, label, scheme, count = self.token.spec, self.label, self.scheme, 0
+        for item in items:
+            owner().post(reply, _sign, spec, label, item, scheme)
+            count += 1
+        answers = [reply.get() for _ in range(count)]
+        for ok, value in answers:
+            if not ok:
+                raise value
+        return [value for _, value in answers]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -37,8 +37,8 @@ class Signer(Protocol):
 
 
 class BatchSigner(Signer, Protocol):
-    def sign_many(self, items: Sequence[bytes]) -> list[bytes]:
-        """One signature per item, in order, for the price of one trip to the key."""
+    def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
+        """One signature per item, in order; the key may sign an item while the next is made."""
         ...
 
 

@@ -4,15 +4,15 @@ passed the CSR policy, were signed through the token and are durable in the ledg
 Each port could do this on its own, but every certificate would then cost a dozen hand-offs of
 the GIL (policy reads, the token's owner thread, each ledger statement), each a context switch
 with eight ports competing. The desk takes whatever requests are queued, applies the policy to
-each, has the token sign the accepted ones in one round trip and hands their ledger records to
-the writer as one operation of a few statements. A port waits for its own request only: when
+each, has the token sign the accepted ones and hands their ledger records to the writer as one
+operation of a few statements. A port waits for its own request only: when
 `IssuanceDesk.issue` returns, the certificate is durable in the ledger, and nothing is returned
 that the ledger has not got.
 
-The desk does not wait for one batch's commit before taking the next, so the policy's question
-"was this key issued already?" is asked of the ledger and of the keys signed and not yet
-committed: two devices presenting one key are refused before the second is signed, in the same
-batch or in the next.
+The desk applies the policy to one request while the token signs the one before, and waits
+for a batch's commit before it takes the next: the policy's question "was this key issued
+already?" is then answered by the ledger for earlier batches and by the desk for its own, so
+two devices presenting one key are refused before the second is signed.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from cryptography import x509
 
 from stampline.errors import StamplineError
 from stampline.pki.policy import AcceptedCsr, check_csr
-from stampline.pki.profile import DeviceIssuer, DeviceProfile
+from stampline.pki.profile import DeviceIssuer, DeviceProfile, IssueRequest
 from stampline.station.ledger import Issuance, Ledger
 from stampline.station.ledger_writer import Ticket
 
@@ -52,9 +53,7 @@ class IssuanceDesk:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._pending: dict[str, str] = {}  # public key SHA-256 -> chip: signed, commit not yet settled
-        self._pending_lock = threading.Lock()
-        self.batches = 0  # signed in one trip to the token, for tests and statistics
+        self.batches = 0  # recorded in one ledger operation each, for tests and statistics
         self._thread = threading.Thread(target=self._run, name="issuance-desk", daemon=True)
         self._thread.start()
 
@@ -108,59 +107,40 @@ class IssuanceDesk:
                 batch.append(request)
             self._serve(batch)
 
-    def _issued_to(self, public_key_sha256: str) -> str | None:
-        with self._pending_lock:
-            pending = self._pending.get(public_key_sha256)
-        return pending or self.ledger.public_key_issued(public_key_sha256)
-
     def _serve(self, batch: list[_Request]) -> None:
         accepted: list[tuple[_Request, AcceptedCsr]] = []
-        for request in batch:
-            try:
-                csr = check_csr(request.csr, request.profile, request.subject, self._issued_to)
-            except Exception as exc:  # CsrRefused, or a bug: this port hears it, the others go on
-                request.ticket.set_exception(exc)
-                continue
-            accepted.append((request, csr))
-            with self._pending_lock:
-                self._pending[csr.public_key_sha256] = request.chip_id
+        signing: dict[str, str] = {}  # public key SHA-256 -> chip, for keys accepted in this batch
+
+        def issued_to(public_key_sha256: str) -> str | None:
+            return signing.get(public_key_sha256) or self.ledger.public_key_issued(public_key_sha256)
+
+        def checked() -> Iterator[IssueRequest]:  # the policy, one request at a time, while the token signs
+            for request in batch:
+                try:
+                    csr = check_csr(request.csr, request.profile, request.subject, issued_to)
+                except Exception as exc:  # CsrRefused, or a bug: this port hears it, the others go on
+                    request.ticket.set_exception(exc)
+                    continue
+                accepted.append((request, csr))
+                signing[csr.public_key_sha256] = request.chip_id
+                yield csr, request.profile, request.chip_id
+
+        try:
+            ders = self.issuer.issue_many(checked())
+        except Exception as exc:  # the token failed: every port of the batch not yet answered hears why
+            for request in batch:
+                if not request.ticket.done():
+                    request.ticket.set_exception(exc)
+            return
         if not accepted:
             return
-        try:
-            ders = self.issuer.issue_many([(csr, r.profile, r.chip_id) for r, csr in accepted])
-        except Exception as exc:  # the token failed: every port in the batch hears why
-            self._settled(accepted, [exc] * len(accepted))
-            return
         self.batches += 1
-        tickets = [_Settling(self, request, csr) for request, csr in accepted]
         for (request, _), der in zip(accepted, ders):
             request.der = der
         self.ledger.submit_issuances([Issuance(r.chip_id, r.batch_id, r.device_serial, r.der, csr.public_key_sha256)
-                                      for r, csr in accepted], tickets)
-
-    def _settled(self, accepted: list[tuple[_Request, AcceptedCsr]], errors: list[BaseException | None]) -> None:
-        for (request, csr), error in zip(accepted, errors):
-            with self._pending_lock:  # committed (the ledger answers now) or refused
-                self._pending.pop(csr.public_key_sha256, None)
-            if error is None:
-                request.ticket.set_result(None)
-            else:
-                request.ticket.set_exception(error)
-
-
-class _Settling(Ticket[None]):
-    """The ledger's ticket for one request: forgets the pending key, then settles the port's ticket."""
-
-    __slots__ = ("_desk", "_request", "_csr")
-
-    def __init__(self, desk: IssuanceDesk, request: _Request, csr: AcceptedCsr) -> None:
-        super().__init__()
-        self._desk, self._request, self._csr = desk, request, csr
-
-    def set_result(self, value: None) -> None:
-        super().set_result(value)
-        self._desk._settled([(self._request, self._csr)], [None])
-
-    def set_exception(self, error: BaseException) -> None:
-        super().set_exception(error)
-        self._desk._settled([(self._request, self._csr)], [error])
+                                      for r, csr in accepted], [r.ticket for r, _ in accepted])
+        for request, _ in accepted:  # committed before the next batch's policy asks the ledger
+            try:
+                request.ticket.result()
+            except Exception:  # the port hears it
+                pass
