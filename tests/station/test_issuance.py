@@ -3,9 +3,10 @@ before it is returned, and refusals that reach their own port only."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import pytest
 from cryptography import x509
@@ -222,7 +223,7 @@ def test_a_ticket_gives_its_result_or_raises_its_exception_to_every_waiter() -> 
 
 def test_the_ledger_records_a_batch_in_one_operation_each_row_refused_or_recorded_alone(ledger: Ledger,
                                                                                          issuer: DeviceIssuer) -> None:
-    from stampline.station.ledger import Issuance
+    from stampline.station.ledger import issuance_row
     from stampline.pki.policy import check_csr
     chips = ["000000000001", "000000000002", "000000000003"]
     batch = open_batch(ledger, chips)
@@ -230,9 +231,9 @@ def test_the_ledger_records_a_batch_in_one_operation_each_row_refused_or_recorde
     items = []
     for chip_id, serial, k in ((chips[0], "SN-1", key), (chips[1], "SN-2", key), (chips[2], "SN-3", None)):
         accepted = check_csr(csr(chip_id, serial, k), profile(serial), subject(chip_id, serial), lambda _: None)
-        items.append(Issuance(chip_id, batch, serial, issuer.issue(accepted, profile(serial), chip_id),
-                              accepted.public_key_sha256))
-    items.append(items[2]._replace(chip_id=chips[0]))  # chip 1 again, with another's certificate
+        items.append(issuance_row(chip_id, batch, serial, issuer.issue(accepted, profile(serial), chip_id),
+                                  accepted.public_key_sha256))
+    items.append(dataclasses.replace(items[2], chip_id=chips[0]))  # chip 1 again, with another's certificate
     tickets: list[Ticket[None]] = [Ticket() for _ in items]
     groups = ledger._writer.groups
     ledger.submit_issuances(items, tickets)

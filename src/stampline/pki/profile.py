@@ -44,6 +44,24 @@ class DeviceProfile:
         return x509.Name(attrs)
 
 
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A device certificate, and what it was made of (no need to parse it back)."""
+
+    der: bytes
+    fields: px.CertificateFields
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.fields.serial_number, "x")
+
+    @property
+    def subject(self) -> str:
+        """RFC 4514."""
+        assert isinstance(self.fields.subject, x509.Name)
+        return self.fields.subject.rfc4514_string()
+
+
 class DeviceIssuer:
     """Signs device certificates with the Sub CA key through its token."""
 
@@ -62,22 +80,23 @@ class DeviceIssuer:
         self._authority_key_id = aki
 
     def issue(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> bytes:
-        return self.issue_many([(accepted, profile, chip_id)])[0]
+        return self.issue_many([(accepted, profile, chip_id)])[0].der
 
-    def issue_many(self, requests: Iterable[IssueRequest]) -> list[bytes]:
+    def issue_many(self, requests: Iterable[IssueRequest]) -> list[IssuedCertificate]:
         """Certificates for several accepted CSRs (with their profile and chip id), in the order
         given. ``requests`` may be a generator that does work (the CSR policy): the token signs
         one certificate while the next request is being made."""
-        tbs: list[bytes] = []
+        made: list[tuple[px.CertificateFields, bytes]] = []
 
         def built() -> Iterator[bytes]:
             for request in requests:
-                tbs.append(px.tbs_certificate(self._fields(*request), self.signer.scheme))
-                yield tbs[-1]
-        return self._assemble(tbs, self.signer.sign_many(built()))
+                fields = self._fields(*request)
+                made.append((fields, px.tbs_certificate(fields, self.signer.scheme)))
+                yield made[-1][1]
+        signatures = self.signer.sign_many(built())
+        return [IssuedCertificate(px.with_signature(tbs, self.signer.scheme, signature), fields)
+                for (fields, tbs), signature in zip(made, signatures)]
 
-    def _assemble(self, tbs: list[bytes], signatures: list[bytes]) -> list[bytes]:
-        return [px.with_signature(item, self.signer.scheme, signature) for item, signature in zip(tbs, signatures)]
 
     def _fields(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> px.CertificateFields:
         now = datetime.now(timezone.utc).replace(microsecond=0)

@@ -27,7 +27,8 @@ from cryptography import x509
 from stampline.errors import StamplineError
 from stampline.pki.policy import AcceptedCsr, check_csr
 from stampline.pki.profile import DeviceIssuer, DeviceProfile, IssueRequest
-from stampline.station.ledger import Issuance, Ledger
+from stampline.station.ledger import Ledger
+from stampline.station.ledger_ops import IssuanceRow
 from stampline.station.ledger_writer import Ticket
 
 
@@ -126,7 +127,7 @@ class IssuanceDesk:
                 yield csr, request.profile, request.chip_id
 
         try:
-            ders = self.issuer.issue_many(checked())
+            issued = self.issuer.issue_many(checked())
         except Exception as exc:  # the token failed: every port of the batch not yet answered hears why
             for request in batch:
                 if not request.ticket.done():
@@ -135,10 +136,16 @@ class IssuanceDesk:
         if not accepted:
             return
         self.batches += 1
-        for (request, _), der in zip(accepted, ders):
-            request.der = der
-        self.ledger.submit_issuances([Issuance(r.chip_id, r.batch_id, r.device_serial, r.der, csr.public_key_sha256)
-                                      for r, csr in accepted], [r.ticket for r, _ in accepted])
+        rows = []
+        for (request, csr), certificate in zip(accepted, issued):
+            request.der = certificate.der
+            fields = certificate.fields
+            rows.append(IssuanceRow(
+                chip_id=request.chip_id, batch_id=request.batch_id, device_serial=request.device_serial,
+                der=certificate.der, public_key_sha256=csr.public_key_sha256, cert_serial=certificate.serial_hex,
+                subject=certificate.subject, not_before=fields.not_before.timestamp(),
+                not_after=fields.not_after.timestamp()))
+        self.ledger.submit_issuances(rows, [r.ticket for r, _ in accepted])
         for request, _ in accepted:  # committed before the next batch's policy asks the ledger
             try:
                 request.ticket.result()

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,7 +34,7 @@ from stampline.station import ledger_schema as schema
 from stampline.station.ledger_schema import DeviceState
 from stampline.station.ledger_writer import Fanout, GroupCommitWriter, Ticket
 
-__all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Issuance", "Ledger", "LedgerView", "RefusalRecord",
+__all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Ledger", "LedgerView", "RefusalRecord",
            "StepRecord"]
 
 
@@ -132,21 +132,16 @@ def _cert_serial(value: str) -> str:
         raise StamplineError(f"the certificate serial {value!r} is not hexadecimal.") from None
 
 
-class Issuance(NamedTuple):
-    """A certificate to record: for the chip, in the batch, under the device serial."""
+def issuance_row(chip_id: str, batch_id: int, device_serial: str, cert_der: bytes,
+                 public_key_sha256: str) -> ops.IssuanceRow:
+    """The row the ledger records for a certificate, read from the certificate itself.
 
-    chip_id: str
-    batch_id: int
-    device_serial: str
-    cert_der: bytes
-    public_key_sha256: str  # of the DER SubjectPublicKeyInfo
-
-
-def _issuance_row(issuance: Issuance) -> ops.IssuanceRow:
-    """The row to record, read from the certificate itself; refused if it is not what it claims."""
-    chip_id = _chip(issuance.chip_id)
-    digest = _sha256_hex(issuance.public_key_sha256, "public key hash")
-    der = bytes(issuance.cert_der)
+    Refused: a DER that is not a certificate, or whose key does not hash to ``public_key_sha256``
+    (SHA-256 of the DER SubjectPublicKeyInfo); no device serial.
+    """
+    chip_id = _chip(chip_id)
+    digest = _sha256_hex(public_key_sha256, "public key hash")
+    der = bytes(cert_der)
     try:
         cert = x509.load_der_x509_certificate(der)
         spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -156,10 +151,10 @@ def _issuance_row(issuance: Issuance) -> ops.IssuanceRow:
         raise StamplineError(f"the certificate for chip {chip_id} is not a readable DER X.509 certificate.") from None
     if hashlib.sha256(spki).hexdigest() != digest:
         raise StamplineError(f"the certificate for chip {chip_id} does not hold the public key it was recorded for.")
-    if not issuance.device_serial:
+    if not device_serial:
         raise StamplineError("a certificate must name the device serial.")
-    return ops.IssuanceRow(chip_id=chip_id, batch_id=issuance.batch_id, device_serial=issuance.device_serial,
-                           der=der, public_key_sha256=digest, **fields)
+    return ops.IssuanceRow(chip_id=chip_id, batch_id=batch_id, device_serial=device_serial, der=der,
+                           public_key_sha256=digest, **fields)
 
 
 def _iso(at: float | None) -> str | None:
@@ -383,26 +378,21 @@ class Ledger(LedgerView):
         """Record a certificate before it goes to the device; durable when this returns.
 
         Refused: a chip that already holds a live certificate, a key already certified for
-        another chip, a serial other than the chip's, a DER whose key does not hash to
-        ``public_key_sha256`` (SHA-256 of the DER SubjectPublicKeyInfo).
+        another chip, a serial other than the chip's, and what `issuance_row` refuses.
         """
         ticket: Ticket[None] = Ticket()
-        self.submit_issuances([Issuance(chip_id, batch_id, device_serial, cert_der, public_key_sha256)], [ticket])
+        self.submit_issuances([issuance_row(chip_id, batch_id, device_serial, cert_der, public_key_sha256)],
+                              [ticket])
         ticket.result()
 
-    def submit_issuances(self, issuances: Sequence[Issuance], tickets: Sequence[Ticket[None]]) -> None:
-        """`record_issuance` for several certificates, recorded together, without waiting: each
-        ticket settles once its own record is durable, or with the reason it was refused."""
-        rows, waiting = [], []
-        for issuance, ticket in zip(issuances, tickets, strict=True):
-            try:
-                rows.append(_issuance_row(issuance))
-            except StamplineError as exc:  # unreadable, or not the key it claims: refused before the writer
-                ticket.set_exception(exc)
-            else:
-                waiting.append(ticket)
+    def submit_issuances(self, rows: Sequence[ops.IssuanceRow], tickets: Sequence[Ticket[None]]) -> None:
+        """Record several certificates together, without waiting: each ticket settles once its
+        own record is durable, or with the reason it was refused. The rows are taken as they are
+        (`issuance_row` reads one from a certificate; the issuance desk makes them as it signs)."""
+        if len(rows) != len(tickets):
+            raise StamplineError("each issuance record needs its own ticket.")
         if rows:
-            self._writer.submit(partial(ops.record_issuances, rows=rows), Fanout(waiting))
+            self._writer.submit(partial(ops.record_issuances, rows=list(rows)), Fanout(list(tickets)))
 
     def record_refusal(self, chip_id: str, batch_id: int, device_serial: str | None, step: str, reason: str,
                        csr_der: bytes | None) -> None:
