@@ -4,6 +4,8 @@ before it is returned, and refusals that reach their own port only."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -15,11 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from stampline import ceremony
 from stampline.errors import StamplineError
-from stampline.pki.policy import CsrRefused, csr_subject
+from stampline.pki.policy import CsrRefused, check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.station.issuance import IssuanceDesk
-from stampline.station.ledger import Ledger
-from stampline.station.ledger_writer import Ticket
+from stampline.station import audit
+from stampline.station.ledger import Ledger, issuance_row
+from stampline.station.ledger_writer import Fanout, Ticket
 from stampline.workspace import Workspace
 
 
@@ -214,7 +217,8 @@ def test_a_ticket_gives_its_result_or_raises_its_exception_to_every_waiter() -> 
         t.join(5)
     assert good.done() and got == [7, 7, 7]
     with pytest.raises(StamplineError, match="once"):
-        good.set_result(8)
+        good.set_exception(StamplineError("late."))
+    assert good.result() == 7  # the first outcome stands
     bad: Ticket[int] = Ticket()
     bad.set_exception(StamplineError("refused."))
     with pytest.raises(StamplineError, match="refused"):
@@ -223,29 +227,142 @@ def test_a_ticket_gives_its_result_or_raises_its_exception_to_every_waiter() -> 
 
 def test_the_ledger_records_a_batch_in_one_operation_each_row_refused_or_recorded_alone(ledger: Ledger,
                                                                                          issuer: DeviceIssuer) -> None:
-    from stampline.station.ledger import issuance_row
-    from stampline.pki.policy import check_csr
-    chips = ["000000000001", "000000000002", "000000000003"]
+    chips = [f"00000000000{i}" for i in range(1, 6)]
     batch = open_batch(ledger, chips)
     key = ec.generate_private_key(ec.SECP256R1())
-    items = []
-    for chip_id, serial, k in ((chips[0], "SN-1", key), (chips[1], "SN-2", key), (chips[2], "SN-3", None)):
+    rows = []
+    for i, (chip_id, k) in enumerate(zip(chips, (key, key, None, None, None))):
+        serial = f"SN-{i}"
         accepted = check_csr(csr(chip_id, serial, k), profile(serial), subject(chip_id, serial), lambda _: None)
-        items.append(issuance_row(chip_id, batch, serial, issuer.issue(accepted, profile(serial), chip_id),
-                                  accepted.public_key_sha256))
-    items.append(dataclasses.replace(items[2], chip_id=chips[0]))  # chip 1 again, with another's certificate
-    tickets: list[Ticket[None]] = [Ticket() for _ in items]
+        rows.append(issuance_row(chip_id, batch, serial, issuer.issue(accepted, profile(serial), chip_id),
+                                 accepted.public_key_sha256))
+    rows[3] = dataclasses.replace(rows[3], cert_serial=rows[2].cert_serial)  # a serial used earlier in the batch
+    rows.append(dataclasses.replace(rows[4], cert_serial="abc123"))  # chip 5 twice
+    tickets: list[Ticket[None]] = [Ticket() for _ in rows]
     groups = ledger._writer.groups
-    ledger.submit_issuances(items, tickets)
-    outcomes = []
+    ledger.submit_issuances(rows, tickets)
+    outcomes: list[str | None] = []
     for ticket in tickets:
         try:
             outcomes.append(ticket.result())
         except StamplineError as exc:
             outcomes.append(str(exc))
-    assert outcomes[0] is None and outcomes[2] is None
-    assert "already certified for chip 000000000001" in outcomes[1]  # type: ignore[operator]
-    assert "already holds the live certificate" in outcomes[3] or "already in the ledger" in outcomes[3]  # type: ignore[operator]
+    assert outcomes == [
+        None,
+        f"the public key of chip {chips[1]} was already certified for chip {chips[0]}.",
+        None,
+        f"a certificate with serial {rows[2].cert_serial} is already in the ledger.",
+        None,
+        f"chip {chips[4]} already holds the live certificate {rows[4].cert_serial}; revoke it before issuing another.",
+    ]
     assert ledger._writer.groups - groups == 1
-    assert sorted(c.chip_id for c in ledger.certificates()) == [chips[0], chips[2]]
+    recorded = {c.chip_id: c for c in ledger.certificates()}
+    assert sorted(recorded) == [chips[0], chips[2], chips[4]]
+    for row in (rows[0], rows[2], rows[4]):  # each record is its own row's, whatever order RETURNING gave
+        assert recorded[row.chip_id].der == row.der and recorded[row.chip_id].cert_serial == row.cert_serial
     assert ledger.verify() == []
+
+
+def test_each_audit_record_of_a_batch_describes_its_own_chip_with_the_types_a_read_gives(
+        ledger: Ledger, issuer: DeviceIssuer, tmp_path: Path) -> None:
+    chips = [f"00000000000{i}" for i in range(1, 5)]
+    batch = open_batch(ledger, chips)
+    with IssuanceDesk(issuer, ledger) as desk:
+        at_once({c: (desk, (csr(c, f"SN-{i}"), profile(f"SN-{i}"), subject(c, f"SN-{i}"), c, batch, f"SN-{i}"))
+                 for i, c in enumerate(chips)})
+    ledger.record_step(chips[0], batch, "keygen", 1000.0, 0.0, "ok")  # whole-number REALs
+    ledger.flush()
+    conn = sqlite3.connect(ledger.path)
+    conn.row_factory = sqlite3.Row
+    records = conn.execute("SELECT kind, chip_id, payload FROM audit WHERE kind IN ('certificate_issued', 'step')")
+    seen = 0
+    for record in records:
+        payload = json.loads(record["payload"])
+        for table, key in (("certificates", "cert_serial"), ("devices", "chip_id"), ("steps", "id")):
+            if table in payload:
+                snap = payload[table]
+                assert snap["chip_id"] == record["chip_id"]
+                row = conn.execute(f"SELECT * FROM {table} WHERE {key} = ?", (snap[key],)).fetchone()
+                if table != "devices":  # a device's row moves on; its certificate and steps do not
+                    assert audit.canonical_json(snap) == audit.canonical_json(audit.snapshot(row))
+                seen += 1
+    assert seen == 2 * len(chips) + 1
+
+
+def test_a_token_refusal_of_one_certificate_fails_that_port_only(issuer: DeviceIssuer, ledger: Ledger) -> None:
+    chips = [f"00000000000{i}" for i in range(1, 5)]
+    batch = open_batch(ledger, chips)
+    inner = issuer.signer
+
+    class RefusesTheSecond:
+        public_key, scheme = inner.public_key, inner.scheme
+
+        def sign(self, data: bytes) -> bytes:
+            raise AssertionError("the desk signs through sign_many")
+
+        def sign_many(self, items: Iterable[bytes]) -> list[bytes | Exception]:
+            out = inner.sign_many(items)
+            out[1] = StamplineError("token 'line' refused to sign with 'sub-ca': FunctionFailed.")
+            return out
+
+    desk_issuer = DeviceIssuer(issuer.ca_cert, RefusesTheSecond())
+    with IssuanceDesk(desk_issuer, ledger) as desk:
+        hold = threading.Lock()
+        hold.acquire()
+        desk._queue.put(_Held(hold))  # the desk waits here while all four queue up: one batch
+        requests = {c: (desk, (csr(c, f"SN-{i}"), profile(f"SN-{i}"), subject(c, f"SN-{i}"), c, batch, f"SN-{i}"))
+                    for i, c in enumerate(chips)}
+        threading.Timer(0.5, hold.release).start()
+        outcomes = at_once(requests)
+        assert desk.batches == 1  # the four were signed together
+    failed = [c for c, o in outcomes.items() if not isinstance(o, bytes)]
+    assert len(failed) == 1 and "FunctionFailed" in str(outcomes[failed[0]])
+    assert sorted(c.chip_id for c in ledger.certificates()) == sorted(set(chips) - set(failed))
+    assert ledger.verify() == []
+
+
+def test_a_ledger_that_takes_nothing_answers_every_port_and_the_desk_goes_on(issuer: DeviceIssuer,
+                                                                              tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    chips = [f"00000000000{i}" for i in range(1, 4)]
+    batch = open_batch(ledger, chips)
+    ledger._writer.close()  # the writer is gone: submitting raises
+    with IssuanceDesk(issuer, ledger) as desk:
+        for round_ in range(2):  # a second batch is served too: the desk thread did not die
+            outcomes = at_once({c: (desk, (csr(c, f"SN-{i}"), profile(f"SN-{i}"), subject(c, f"SN-{i}"), c, batch,
+                                           f"SN-{i}")) for i, c in enumerate(chips)})
+            assert len(outcomes) == len(chips)
+            assert all(isinstance(o, StamplineError) and "closed" in str(o) for o in outcomes.values()), outcomes
+    ledger.close()
+
+
+def test_a_ticket_that_cannot_be_settled_does_not_stop_the_ledger_writer(ledger: Ledger) -> None:
+    class Refusing(Ticket[object]):
+        def set_result(self, value: object) -> None:
+            raise RuntimeError("a bug in whoever waits")
+
+    ledger._writer.submit(lambda conn: 1, Refusing())
+    ledger.flush()  # answered: the writer is still serving
+    assert ledger._writer._thread.is_alive()
+
+
+def test_a_fan_out_given_fewer_outcomes_than_tickets_fails_them_all() -> None:
+    tickets: list[Ticket[None]] = [Ticket(), Ticket(), Ticket()]
+    Fanout(tickets).set_result([None])
+    for ticket in tickets:
+        with pytest.raises(StamplineError, match="no outcome"):
+            ticket.result()
+
+
+class _Held:
+    """Queued ahead of the requests: the desk blocks on its CSR until released (the requests
+    queue up meanwhile), then refuses it as malformed."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self.ticket: Ticket[None] = Ticket()
+
+    @property
+    def csr(self) -> bytes:
+        with self._lock:
+            return b""

@@ -546,3 +546,10 @@ def test_export_while_writing_reads_one_snapshot(ledger: Ledger, batch: int) -> 
     seen(ledger, batch, chip(99))  # written while the export is open
     assert ledger.device(chip(99)) is not None
     assert len([first, *exported]) == 5
+
+
+def test_the_audit_trail_knows_every_real_column_of_the_schema() -> None:
+    import re
+    from stampline.station.ledger_schema import REAL_COLUMNS, SCHEMA
+    declared = {m.group(1) for statement in SCHEMA for m in re.finditer(r"\n\s+(\w+) REAL\b", statement)}
+    assert declared == REAL_COLUMNS

@@ -80,23 +80,43 @@ class DeviceIssuer:
         self._authority_key_id = aki
 
     def issue(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> bytes:
-        return self.issue_many([(accepted, profile, chip_id)])[0].der
+        (issued,) = self.issue_many([(accepted, profile, chip_id)])
+        if isinstance(issued, Exception):
+            raise issued
+        return issued.der
 
-    def issue_many(self, requests: Iterable[IssueRequest]) -> list[IssuedCertificate]:
-        """Certificates for several accepted CSRs (with their profile and chip id), in the order
-        given. ``requests`` may be a generator that does work (the CSR policy): the token signs
-        one certificate while the next request is being made."""
-        made: list[tuple[px.CertificateFields, bytes]] = []
+    def issue_many(self, requests: Iterable[IssueRequest]) -> list[IssuedCertificate | Exception]:
+        """Per request (an accepted CSR, its profile and chip id), in order: its certificate, or
+        why it has none (the token refused it; it could not be built). ``requests`` may be a
+        generator that does work (the CSR policy): the token signs one certificate while the
+        next request is being made."""
+        made: list[tuple[px.CertificateFields, bytes] | Exception] = []
 
         def built() -> Iterator[bytes]:
             for request in requests:
-                fields = self._fields(*request)
-                made.append((fields, px.tbs_certificate(fields, self.signer.scheme)))
-                yield made[-1][1]
-        signatures = self.signer.sign_many(built())
-        return [IssuedCertificate(px.with_signature(tbs, self.signer.scheme, signature), fields)
-                for (fields, tbs), signature in zip(made, signatures)]
-
+                try:
+                    fields = self._fields(*request)
+                    tbs = px.tbs_certificate(fields, self.signer.scheme)
+                except Exception as exc:  # this request alone: the others are signed
+                    made.append(exc)
+                    continue
+                made.append((fields, tbs))
+                yield tbs
+        signatures = iter(self.signer.sign_many(built()))
+        issued: list[IssuedCertificate | Exception] = []
+        for item in made:
+            if isinstance(item, Exception):
+                issued.append(item)
+                continue
+            signature = next(signatures, None)
+            if signature is None:
+                issued.append(StamplineError("the token returned no signature for a certificate."))
+            elif isinstance(signature, Exception):
+                issued.append(signature)
+            else:
+                fields, tbs = item
+                issued.append(IssuedCertificate(px.with_signature(tbs, self.signer.scheme, signature), fields))
+        return issued
 
     def _fields(self, accepted: "AcceptedCsr", profile: DeviceProfile, chip_id: str) -> px.CertificateFields:
         now = datetime.now(timezone.utc).replace(microsecond=0)

@@ -309,6 +309,10 @@ def _sign(st: _State, spec: TokenSpec, label: str, data: bytes, scheme: Scheme) 
         raise StamplineError(f"token '{spec.label}' refused to sign with '{label}': {type(exc).__name__}.") from None
 
 
+def _as_exception(error: BaseException) -> Exception:
+    return error if isinstance(error, Exception) else StamplineError(f"the token failed: {type(error).__name__}.")
+
+
 def _to_public_key(public: Any) -> PublicKey:
     if public.key_type == KeyType.EC:
         loaded = serialization.load_der_public_key(encode_ec_public_key(public))
@@ -344,17 +348,16 @@ class TokenSigner:
     def sign(self, data: bytes) -> bytes:
         return owner().call(_sign, self.token.spec, self.label, data, self.scheme)
 
-    def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
-        """Sign each item, in order. Each is queued to the owner thread as soon as ``items``
-        yields it, so that the token signs one while the caller prepares the next (a generator
-        doing real work overlaps with the token); raises the first error after all are done."""
+    def sign_many(self, items: Iterable[bytes]) -> list[bytes | Exception]:
+        """Sign each item; in order, its signature or the token's refusal of that item. Each is
+        queued to the owner thread as soon as ``items`` yields it, so that the token signs one
+        while the caller prepares the next (a generator doing real work overlaps the token)."""
         reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
         spec, label, scheme, count = self.token.spec, self.label, self.scheme, 0
-        for item in items:
-            owner().post(reply, _sign, spec, label, item, scheme)
-            count += 1
-        answers = [reply.get() for _ in range(count)]
-        for ok, value in answers:
-            if not ok:
-                raise value
-        return [value for _, value in answers]
+        try:
+            for item in items:
+                owner().post(reply, _sign, spec, label, item, scheme)
+                count += 1
+        finally:  # what was posted is signed whatever happens: collect it all
+            answers = [reply.get() for _ in range(count)]
+        return [value if ok else _as_exception(value) for ok, value in answers]

@@ -37,8 +37,9 @@ class Signer(Protocol):
 
 
 class BatchSigner(Signer, Protocol):
-    def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
-        """One signature per item, in order; the key may sign an item while the next is made."""
+    def sign_many(self, items: Iterable[bytes]) -> list[bytes | Exception]:
+        """Per item, in order, its signature or why it was not signed; the key may sign an item
+        while the next is made."""
         ...
 
 

@@ -22,7 +22,8 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from stampline.station.ledger_schema import (
-    APPEND_ONLY_TRIGGERS, BLOB_COLUMNS, CERTIFIED_STATES, PRE_ISSUANCE_STATES, TABLE_KEYS, DeviceState,
+    APPEND_ONLY_TRIGGERS, BLOB_COLUMNS, CERTIFIED_STATES, PRE_ISSUANCE_STATES, REAL_COLUMNS, TABLE_KEYS,
+    DeviceState,
 )
 
 GENESIS = "0" * 64
@@ -65,6 +66,8 @@ def snapshot(row: sqlite3.Row) -> dict[str, Any]:
         value = row[name]
         if name in BLOB_COLUMNS:
             out[f"{name}_sha256"] = None if value is None else hashlib.sha256(value).hexdigest()
+        elif name in REAL_COLUMNS and isinstance(value, int):
+            out[name] = float(value)
         else:
             out[name] = value
     return out

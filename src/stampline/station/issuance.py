@@ -17,6 +17,7 @@ two devices presenting one key are refused before the second is signed.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from stampline.pki.policy import AcceptedCsr, check_csr
 from stampline.pki.profile import DeviceIssuer, DeviceProfile, IssueRequest
 from stampline.station.ledger import Ledger
 from stampline.station.ledger_ops import IssuanceRow
-from stampline.station.ledger_writer import Ticket
+from stampline.station.ledger_writer import Ticket, settle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -91,6 +94,22 @@ class IssuanceDesk:
         self.close()
 
     def _run(self) -> None:
+        try:
+            self._take()
+        except BaseException:  # a bug: refuse new work and answer everything queued, rather than hang
+            log.exception("the issuance desk stopped")
+            with self._lock:
+                self._closed = True
+            failure = StamplineError("the issuance desk stopped; see the log.")
+            while True:
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if request is not None:
+                    settle(request.ticket, None, failure)
+
+    def _take(self) -> None:
         stop = False
         while not stop:
             first = self._queue.get()
@@ -106,7 +125,15 @@ class IssuanceDesk:
                     stop = True
                     break
                 batch.append(request)
-            self._serve(batch)
+            try:
+                self._serve(batch)
+            except Exception as exc:  # this batch's ports hear it, the desk goes on
+                log.exception("the issuance desk failed a batch")
+                error = exc if isinstance(exc, StamplineError) else \
+                    StamplineError(f"the issuance desk failed: {type(exc).__name__}.")
+                for request in batch:
+                    if not request.ticket.done():
+                        settle(request.ticket, None, error)
 
     def _serve(self, batch: list[_Request]) -> None:
         accepted: list[tuple[_Request, AcceptedCsr]] = []
@@ -128,16 +155,18 @@ class IssuanceDesk:
 
         try:
             issued = self.issuer.issue_many(checked())
-        except Exception as exc:  # the token failed: every port of the batch not yet answered hears why
+        except Exception as exc:  # the token failed as a whole: every port not yet answered hears why
             for request in batch:
                 if not request.ticket.done():
                     request.ticket.set_exception(exc)
             return
-        if not accepted:
-            return
-        self.batches += 1
-        rows = []
+        if len(issued) != len(accepted):
+            raise StamplineError(f"the issuer returned {len(issued)} outcomes for {len(accepted)} certificates.")
+        rows, tickets = [], []
         for (request, csr), certificate in zip(accepted, issued):
+            if isinstance(certificate, Exception):  # the token refused this one: its port hears why
+                request.ticket.set_exception(certificate)
+                continue
             request.der = certificate.der
             fields = certificate.fields
             rows.append(IssuanceRow(
@@ -145,9 +174,18 @@ class IssuanceDesk:
                 der=certificate.der, public_key_sha256=csr.public_key_sha256, cert_serial=certificate.serial_hex,
                 subject=certificate.subject, not_before=fields.not_before.timestamp(),
                 not_after=fields.not_after.timestamp()))
-        self.ledger.submit_issuances(rows, [r.ticket for r, _ in accepted])
-        for request, _ in accepted:  # committed before the next batch's policy asks the ledger
+            tickets.append(request.ticket)
+        if not rows:
+            return
+        self.batches += 1
+        try:
+            self.ledger.submit_issuances(rows, tickets)
+        except Exception:  # the ledger would not take them (closed): say what was signed for nothing
+            log.error("signed but not recorded: %s", ", ".join(f"certificate {r.cert_serial} for chip {r.chip_id}"
+                                                             for r in rows))
+            raise
+        for ticket in tickets:  # committed before the next batch's policy asks the ledger
             try:
-                request.ticket.result()
-            except Exception:  # the port hears it
+                ticket.result()
+            except Exception:  # its port hears it
                 pass

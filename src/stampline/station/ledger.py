@@ -157,6 +157,15 @@ def issuance_row(chip_id: str, batch_id: int, device_serial: str, cert_der: byte
                            public_key_sha256=digest, **fields)
 
 
+def _check_row(row: ops.IssuanceRow) -> None:
+    """The cheap checks of a row made elsewhere: normal chip id and key hash, a device serial."""
+    if _chip(row.chip_id) != row.chip_id or \
+            _sha256_hex(row.public_key_sha256, "public key hash") != row.public_key_sha256:
+        raise StamplineError(f"the issuance record for chip {row.chip_id} is not in normal form.")
+    if not row.device_serial:
+        raise StamplineError("a certificate must name the device serial.")
+
+
 def _iso(at: float | None) -> str | None:
     return None if at is None else datetime.fromtimestamp(at, timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -391,8 +400,17 @@ class Ledger(LedgerView):
         (`issuance_row` reads one from a certificate; the issuance desk makes them as it signs)."""
         if len(rows) != len(tickets):
             raise StamplineError("each issuance record needs its own ticket.")
-        if rows:
-            self._writer.submit(partial(ops.record_issuances, rows=list(rows)), Fanout(list(tickets)))
+        taken, waiting = [], []
+        for row, ticket in zip(rows, tickets):
+            try:
+                _check_row(row)
+            except StamplineError as exc:
+                ticket.set_exception(exc)
+            else:
+                taken.append(row)
+                waiting.append(ticket)
+        if taken:
+            self._writer.submit(partial(ops.record_issuances, rows=taken), Fanout(waiting))
 
     def record_refusal(self, chip_id: str, batch_id: int, device_serial: str | None, step: str, reason: str,
                        csr_der: bytes | None) -> None:

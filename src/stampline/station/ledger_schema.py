@@ -49,6 +49,10 @@ TABLE_KEYS = {
 }
 #: Columns the audit trail records as a SHA-256 (``<column>_sha256``) rather than verbatim.
 BLOB_COLUMNS = frozenset({"der", "csr_der"})
+#: Columns declared REAL (in every table that has them). SQLite may hand a whole number back
+#: as an INTEGER from ``RETURNING``; the audit trail always records them as floats.
+REAL_COLUMNS = frozenset({"started_at", "provisioned_at", "updated_at", "not_before", "not_after", "issued_at",
+                          "revoked_at", "at", "duration_s"})
 
 APPEND_ONLY_TRIGGERS = ("audit_no_update", "audit_no_delete")
 

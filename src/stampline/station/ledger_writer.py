@@ -39,17 +39,16 @@ class Ticket(Generic[T]):
         self._error: BaseException | None = None
 
     def set_result(self, value: T) -> None:
-        self._value = value
-        self._settle()
+        self._settle(value, None)
 
     def set_exception(self, error: BaseException) -> None:
-        self._error = error
-        self._settle()
+        self._settle(None, error)
 
-    def _settle(self) -> None:
-        if self._done:
+    def _settle(self, value: T | None, error: BaseException | None) -> None:
+        if self._done:  # the first outcome stands
             raise StamplineError("a ticket is settled once.")
         self._done = True
+        self._value, self._error = value, error
         self._settled.release()
 
     def done(self) -> bool:
@@ -76,16 +75,28 @@ class Fanout(Ticket[list[BaseException | None]]):
 
     def set_result(self, value: list[BaseException | None]) -> None:
         super().set_result(value)
+        if not isinstance(value, list) or len(value) != len(self._tickets):
+            failure = StamplineError("the ledger returned no outcome for some records.")
+            value = [failure] * len(self._tickets)
         for ticket, error in zip(self._tickets, value):
-            if error is None:
-                ticket.set_result(None)
-            else:
-                ticket.set_exception(error)
+            settle(ticket, None, error)
 
     def set_exception(self, error: BaseException) -> None:
         super().set_exception(error)
         for ticket in self._tickets:
+            settle(ticket, None, error)
+
+
+def settle(ticket: Ticket[Any], value: Any, error: BaseException | None) -> None:
+    """Settle ``ticket``, whatever it does: a ticket that refuses (settled already, a bug) is
+    logged, and the settling thread goes on to the next."""
+    try:
+        if error is None:
+            ticket.set_result(value)
+        else:
             ticket.set_exception(error)
+    except Exception:
+        log.exception("a ledger ticket could not be settled")
 
 
 class GroupCommitWriter:
@@ -101,7 +112,10 @@ class GroupCommitWriter:
         self._thread.start()
 
     def submit(self, op: Callable[[sqlite3.Connection], T], ticket: Ticket[T] | None = None) -> Ticket[T]:
-        """Queue ``op``; its ticket (``ticket`` if given) is settled once the op is durable or failed."""
+        """Queue ``op``; its ticket (``ticket`` if given) is settled once the op is durable or failed.
+
+        ``op`` must keep no state outside SQLite: it may run twice before its commit (see `_commit`).
+        """
         ticket = Ticket() if ticket is None else ticket
         self._put(op, ticket)
         return ticket
@@ -127,6 +141,22 @@ class GroupCommitWriter:
         self._conn.close()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:  # a bug: refuse new work and answer everything queued, rather than hang
+            log.exception("the ledger writer stopped")
+            with self._lock:
+                self._closed = True
+            failure = StamplineError("the ledger writer stopped; see the log.")
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None and item[1] is not None:
+                    settle(item[1], None, failure)
+
+    def _serve(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
@@ -150,14 +180,14 @@ class GroupCommitWriter:
 
         The ops run first without savepoints (two statements fewer each: the line's hot path).
         If one fails, the transaction is rolled back and the group runs again, each op in its
-        own savepoint, so that only the failing op is lost. Ops are pure functions of the
-        connection, so running one twice before a commit is safe.
+        own savepoint, so that only the failing op is lost. An op must therefore be a pure
+        function of the connection (no state outside SQLite): it may run twice before a commit.
         """
+        results: list[tuple[Any, BaseException | None]] = []
         try:
-            results = self._run_group(group, isolated=len(group) == 1)
-            if results is None:
-                results = self._run_group(group, isolated=True)
-            assert results is not None
+            if not self._run_group(group, results, isolated=len(group) == 1):
+                results.clear()
+                self._run_group(group, results, isolated=True)
         except Exception as exc:
             log.exception("ledger group commit failed")
             try:
@@ -166,7 +196,8 @@ class GroupCommitWriter:
             except sqlite3.Error:
                 pass
             failure = StamplineError(f"the ledger could not commit: {exc}.")
-            results = [(None, failure)] * len(group)
+            own = [error for _, error in results]  # an op's own refusal, from before the whole group failed
+            results = [(None, (own[i] if i < len(own) else None) or failure) for i in range(len(group))]
         else:
             self.groups += 1
         for (_, ticket), (result, error) in zip(group, results):
@@ -174,17 +205,15 @@ class GroupCommitWriter:
                 if error is not None:
                     log.error("a queued ledger write failed: %s", error)
                     self.failures.append(error)
-            elif error is None:
-                ticket.set_result(result)
             else:
-                ticket.set_exception(error)
+                settle(ticket, result, error)
 
     def _run_group(self, group: list[tuple[Operation, Ticket[Any] | None]],
-                   isolated: bool) -> list[tuple[Any, BaseException | None]] | None:
-        """One transaction over the group, committed. Not isolated: None as soon as an op fails
-        (rolled back). Isolated: each op in a savepoint, its failure kept as its result."""
+                   results: list[tuple[Any, BaseException | None]], isolated: bool) -> bool:
+        """One transaction over the group, committed, each op's outcome appended to ``results``.
+        Not isolated: False as soon as an op fails (rolled back). Isolated: each op in a
+        savepoint, its failure kept as its outcome."""
         conn = self._conn
-        results: list[tuple[Any, BaseException | None]] = []
         conn.execute("BEGIN IMMEDIATE")
         for op, _ in group:
             if isolated:
@@ -196,7 +225,7 @@ class GroupCommitWriter:
                     raise
                 if not isolated:
                     conn.execute("ROLLBACK")
-                    return None
+                    return False
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 results.append((None, exc))
@@ -205,4 +234,4 @@ class GroupCommitWriter:
                     conn.execute("RELEASE op")
                 results.append((result, None))
         conn.execute("COMMIT")
-        return results
+        return True
