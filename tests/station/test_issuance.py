@@ -22,7 +22,7 @@ from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.station.issuance import IssuanceDesk
 from stampline.station import audit
 from stampline.station.ledger import Ledger, issuance_row
-from stampline.station.ledger_writer import Fanout, Ticket
+from stampline.station.handoff import Fanout, Ticket
 from stampline.workspace import Workspace
 
 
@@ -309,7 +309,7 @@ def test_a_token_refusal_of_one_certificate_fails_that_port_only(issuer: DeviceI
     with IssuanceDesk(desk_issuer, ledger) as desk:
         hold = threading.Lock()
         hold.acquire()
-        desk._queue.put(_Held(hold))  # the desk waits here while all four queue up: one batch
+        desk._inbox.put(_Held(hold))  # type: ignore[arg-type]  # the desk waits here while all four queue up
         requests = {c: (desk, (csr(c, f"SN-{i}"), profile(f"SN-{i}"), subject(c, f"SN-{i}"), c, batch, f"SN-{i}"))
                     for i, c in enumerate(chips)}
         threading.Timer(0.5, hold.release).start()

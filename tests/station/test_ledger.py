@@ -21,7 +21,8 @@ from cryptography.x509.oid import NameOID
 from stampline.errors import StamplineError
 from stampline.station.ledger import DeviceState, Ledger, LedgerView
 from stampline.station.ledger_schema import connect
-from stampline.station.ledger_writer import GroupCommitWriter, Ticket
+from stampline.station.handoff import Ticket
+from stampline.station.ledger_writer import GroupCommitWriter
 
 RECIPE_SHA = "ab" * 32
 _CA_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -553,3 +554,25 @@ def test_the_audit_trail_knows_every_real_column_of_the_schema() -> None:
     from stampline.station.ledger_schema import REAL_COLUMNS, SCHEMA
     declared = {m.group(1) for statement in SCHEMA for m in re.finditer(r"\n\s+(\w+) REAL\b", statement)}
     assert declared == REAL_COLUMNS
+
+
+def test_a_writer_that_stops_answers_what_is_queued_and_refuses_new_work(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "w.db", readonly=False)
+    writer = GroupCommitWriter(conn)
+    running, gate = threading.Event(), threading.Event()
+
+    def block(c: sqlite3.Connection) -> None:  # holds the writer so that the next ones queue up
+        running.set()
+        gate.wait(5)
+        raise SystemExit("a bug that is not an Exception")  # escapes the group commit: the writer stops
+
+    in_flight = writer.submit(block)
+    assert running.wait(5)
+    queued = [writer.submit(lambda c: 1) for _ in range(3)]
+    gate.set()
+    for ticket in [in_flight, *queued]:
+        with pytest.raises(StamplineError, match="writer stopped"):
+            ticket.result()
+    with pytest.raises(StamplineError, match="closed"):
+        writer.submit(lambda c: 1)
+    conn.close()

@@ -18,7 +18,6 @@ two devices presenting one key are refused before the second is signed.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,7 +29,7 @@ from stampline.pki.policy import AcceptedCsr, check_csr
 from stampline.pki.profile import DeviceIssuer, DeviceProfile, IssueRequest
 from stampline.station.ledger import Ledger
 from stampline.station.ledger_ops import IssuanceRow
-from stampline.station.ledger_writer import Ticket, settle
+from stampline.station.handoff import Inbox, Ticket, settle
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,7 @@ class IssuanceDesk:
         self.issuer = issuer
         self.ledger = ledger
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._inbox: Inbox[_Request] = Inbox("the issuance desk is closed.")
         self.batches = 0  # recorded in one ledger operation each, for tests and statistics
         self._thread = threading.Thread(target=self._run, name="issuance-desk", daemon=True)
         self._thread.start()
@@ -71,21 +68,14 @@ class IssuanceDesk:
         recorded and nothing is returned.
         """
         request = _Request(bytes(csr), profile, subject, chip_id, batch_id, device_serial)
-        with self._lock:
-            if self._closed:
-                raise StamplineError("the issuance desk is closed.")
-            self._queue.put(request)
+        self._inbox.put(request)
         request.ticket.result()
         return request.der
 
     def close(self) -> None:
         """Finish what is queued, then stop."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(None)
-        self._thread.join()
+        if self._inbox.close():
+            self._thread.join()
 
     def __enter__(self) -> IssuanceDesk:
         return self
@@ -94,46 +84,24 @@ class IssuanceDesk:
         self.close()
 
     def _run(self) -> None:
+        batch: list[_Request] = []
         try:
-            self._take()
+            for batch in self._inbox.batches(self._max_batch):
+                try:
+                    self._serve(batch)
+                except Exception as exc:  # this batch's ports hear it, the desk goes on
+                    log.exception("the issuance desk failed a batch")
+                    error = exc if isinstance(exc, StamplineError) else \
+                        StamplineError(f"the issuance desk failed: {type(exc).__name__}.")
+                    for request in batch:
+                        if not request.ticket.done():
+                            settle(request.ticket, None, error)
         except BaseException:  # a bug: refuse new work and answer everything queued, rather than hang
             log.exception("the issuance desk stopped")
-            with self._lock:
-                self._closed = True
             failure = StamplineError("the issuance desk stopped; see the log.")
-            while True:
-                try:
-                    request = self._queue.get_nowait()
-                except queue.Empty:
-                    return
-                if request is not None:
+            for request in batch + self._inbox.refuse_rest():
+                if not request.ticket.done():
                     settle(request.ticket, None, failure)
-
-    def _take(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    request = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if request is None:
-                    stop = True
-                    break
-                batch.append(request)
-            try:
-                self._serve(batch)
-            except Exception as exc:  # this batch's ports hear it, the desk goes on
-                log.exception("the issuance desk failed a batch")
-                error = exc if isinstance(exc, StamplineError) else \
-                    StamplineError(f"the issuance desk failed: {type(exc).__name__}.")
-                for request in batch:
-                    if not request.ticket.done():
-                        settle(request.ticket, None, error)
 
     def _serve(self, batch: list[_Request]) -> None:
         accepted: list[tuple[_Request, AcceptedCsr]] = []

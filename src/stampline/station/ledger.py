@@ -32,7 +32,8 @@ from stampline.station import audit
 from stampline.station import ledger_ops as ops
 from stampline.station import ledger_schema as schema
 from stampline.station.ledger_schema import DeviceState
-from stampline.station.ledger_writer import Fanout, GroupCommitWriter, Ticket
+from stampline.station.handoff import Fanout, Ticket
+from stampline.station.ledger_writer import GroupCommitWriter
 
 __all__ = ["CertificateRecord", "DeviceRecord", "DeviceState", "Ledger", "LedgerView", "RefusalRecord",
            "StepRecord"]
