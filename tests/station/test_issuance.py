@@ -328,7 +328,7 @@ def test_a_ledger_that_takes_nothing_answers_every_port_and_the_desk_goes_on(iss
     batch = open_batch(ledger, chips)
     ledger._writer.close()  # the writer is gone: submitting raises
     with IssuanceDesk(issuer, ledger) as desk:
-        for round_ in range(2):  # a second batch is served too: the desk thread did not die
+        for _ in range(2):  # a second batch is served too: the desk thread did not die
             outcomes = at_once({c: (desk, (csr(c, f"SN-{i}"), profile(f"SN-{i}"), subject(c, f"SN-{i}"), c, batch,
                                            f"SN-{i}")) for i, c in enumerate(chips)})
             assert len(outcomes) == len(chips)

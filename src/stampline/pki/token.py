@@ -174,7 +174,7 @@ class _Owner:
         reply = getattr(self._local, "reply", None)
         if reply is None:
             reply = self._local.reply = queue.SimpleQueue()
-        self._queue.put((fn, args, reply))
+        self.post(reply, fn, *args)
         ok, value = reply.get()
         if not ok:
             raise value

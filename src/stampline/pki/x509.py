@@ -43,7 +43,6 @@ class BatchSigner(Signer, Protocol):
         ...
 
 
-
 def spki_der(public_key: PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
