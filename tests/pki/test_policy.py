@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import subprocess
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
+from asn1crypto import core as asn1_core  # type: ignore[import-untyped]
+from asn1crypto import csr as asn1_csr
+from asn1crypto import keys as asn1_keys
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from conftest import tool
 from stampline import ceremony
+from stampline.errors import StamplineError
+from stampline.pki import der
+from stampline.pki import policy
 from stampline.pki.policy import CsrRefused, check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.workspace import Workspace
@@ -96,31 +103,209 @@ def _with_challenge_password() -> bytes:
             .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
 
 
-CASES: list[tuple[str, Callable[[], bytes], str, str]] = [
-    ("bad signature", _tampered_signature, "bad-signature", "signature does not verify"),
-    ("rsa-1024", lambda: make_csr(rsa.generate_private_key(65537, 1024)), "key-type", "at least 2048"),
-    ("p-384", lambda: make_csr(ec.generate_private_key(ec.SECP384R1())), "key-type", "secp384r1, which is not allowed"),
-    ("rsa where ec asked", lambda: make_csr(rsa.generate_private_key(65537, 2048)), "key-type", "recipe asks for ec-p256"),
+def host_key(key_type: str = "ec-p256") -> Any:
+    """One host key per type for the edited vectors (RSA keys are slow to make)."""
+    return _host_key(key_type)
+
+
+@lru_cache(maxsize=None)
+def _host_key(key_type: str) -> Any:
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    return rsa.generate_private_key(65537, int(key_type[4:]))
+
+
+def signed(info: bytes, key: Any, algorithm: bytes | None = None) -> bytes:
+    """A CSR of these CertificationRequestInfo bytes, signed with ``key`` (SHA-256), under
+    ``algorithm`` (the profile's for the key unless given)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        signature, default = key.sign(info, ec.ECDSA(hashes.SHA256())), der.ECDSA_SHA256
+    else:
+        signature, default = key.sign(info, padding.PKCS1v15(), hashes.SHA256()), der.RSA_PKCS1_SHA256
+    return der.seq(info, algorithm or default, der.bit_string(signature))
+
+
+def edited(edit: Callable[[Any], None], key_type: str = "ec-p256", algorithm: bytes | None = None) -> bytes:
+    """A good CSR whose CertificationRequestInfo ``edit`` changed (with asn1crypto), signed again
+    with its key, so that the edit is its only flaw."""
+    key = host_key(key_type)
+    info = asn1_csr.CertificationRequest.load(make_csr(key))["certification_request_info"]
+    edit(info)
+    return signed(info.dump(force=True), key, algorithm)
+
+
+def _info_bytes(key_type: str = "ec-p256") -> bytes:
+    return asn1_csr.CertificationRequest.load(make_csr(host_key(key_type)))["certification_request_info"].dump()
+
+
+def _null_ec_parameters(info: Any) -> None:
+    info["subject_pk_info"]["algorithm"]["parameters"] = asn1_keys.ECDomainParameters("implicit_ca", asn1_core.Null())
+
+
+def _version_2(info: Any) -> None:
+    info["version"] = 1
+
+
+def _compressed_point(info: Any) -> None:
+    point = host_key().public_key().public_bytes(serialization.Encoding.X962,
+                                                serialization.PublicFormat.CompressedPoint)
+    info["subject_pk_info"]["public_key"] = asn1_keys.ECPointBitString(point)
+
+
+def _extension_request(values: list[Any]) -> Callable[[Any], None]:
+    def edit(info: Any) -> None:
+        info["attributes"] = [{"type": "extension_request", "values": values}]
+    return edit
+
+
+def _sha384() -> bytes:
+    return (x509.CertificateSigningRequestBuilder().subject_name(expected())
+            .sign(host_key(), hashes.SHA384()).public_bytes(serialization.Encoding.DER))
+
+
+def _signature_unused_bits() -> bytes:
+    good = make_csr(host_key())
+    signature = asn1_csr.CertificationRequest.load(good)["signature"].contents  # unused-bits octet, then the value
+    return good[:-len(signature)] + b"\x04" + signature[1:]
+
+
+def _long_outer_length() -> bytes:
+    good = make_csr(host_key())
+    assert good[1] == 0x81  # one length octet after 0x81: write it with two
+    return b"\x30\x82\x00" + good[2:]
+
+
+def _long_version_length() -> bytes:
+    info = _info_bytes()
+    contents = asn1_csr.CertificationRequestInfo.load(info).contents
+    assert contents[:3] == b"\x02\x01\x00"
+    return signed(der.seq(b"\x02\x81\x01\x00" + contents[3:]), host_key())  # INTEGER 0, long-form length
+
+
+def _rsa_key_without_null() -> bytes:
+    info = asn1_csr.CertificationRequestInfo.load(_info_bytes("rsa-2048"))
+    spki = info["subject_pk_info"]
+    spki_der = der.seq(der.seq(der.oid("1.2.840.113549.1.1.1")), spki["public_key"].dump())
+    return signed(der.seq(info["version"].dump(), info["subject"].dump(), spki_der, info["attributes"].dump()),
+                  host_key("rsa-2048"))
+
+
+CASES: list[tuple[str, Callable[[], bytes], str, str, str]] = [
+    ("bad signature", _tampered_signature, "ec-p256", "bad-signature", "signature does not verify"),
+    ("rsa-1024", lambda: make_csr(rsa.generate_private_key(65537, 1024)), "ec-p256", "key-type", "at least 2048"),
+    ("rsa-2048 where rsa-3072 asked", lambda: make_csr(host_key("rsa-2048")), "rsa-3072", "key-type",
+     "RSA-2048 key, but the recipe asks for rsa-3072"),
+    ("rsa exponent 3", lambda: make_csr(rsa.generate_private_key(3, 2048)), "rsa-2048", "key-type", "65537"),
+    ("p-384", lambda: make_csr(ec.generate_private_key(ec.SECP384R1())), "ec-p256", "key-type",
+     "secp384r1, which is not allowed"),
+    ("rsa where ec asked", lambda: make_csr(host_key("rsa-2048")), "ec-p256", "key-type", "recipe asks for ec-p256"),
     ("ca true", lambda: make_csr(extend=lambda b: b.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)),
-     "extension", "asks for CA:TRUE"),
+     "ec-p256", "extension", "asks for CA:TRUE"),
     ("other extension", lambda: make_csr(extend=lambda b: b.add_extension(
-        x509.SubjectAlternativeName([x509.DNSName("evil.example")]), False)), "extension", "2.5.29.17"),
-    ("attribute", _with_challenge_password, "attribute", "1.2.840.113549.1.9.7"),
-    ("wrong subject", lambda: make_csr(subject=csr_subject("ACME-999999", "Test Org", CHIP)), "subject", "ACME-999999"),
-    ("wrong chip", lambda: make_csr(subject=csr_subject(SERIAL, "Test Org", "000000000000")), "subject", "not the allocated"),
-    ("malformed", lambda: b"\x30\x82\x01\x00garbage", "malformed", "not well-formed DER"),
-    ("trailing bytes", lambda: make_csr() + b"\x00\x00", "malformed", "not well-formed"),
-    ("oversized", lambda: b"\x30" * 5000, "oversized", "5000 bytes"),
+        x509.SubjectAlternativeName([x509.DNSName("evil.example")]), False)), "ec-p256", "extension", "2.5.29.17"),
+    ("attribute", _with_challenge_password, "ec-p256", "attribute", "1.2.840.113549.1.9.7"),
+    ("wrong subject", lambda: make_csr(subject=csr_subject("ACME-999999", "Test Org", CHIP)), "ec-p256", "subject",
+     "ACME-999999"),
+    ("wrong chip", lambda: make_csr(subject=csr_subject(SERIAL, "Test Org", "000000000000")), "ec-p256", "subject",
+     "not the allocated"),
+    ("malformed", lambda: b"\x30\x82\x01\x00garbage", "ec-p256", "malformed", "not well-formed DER"),
+    ("oversized", lambda: b"\x30" * 5000, "ec-p256", "oversized", "5000 bytes"),
+    # issue 8: hostile CSRs that escaped the policy, each with one flaw only
+    ("null ec parameters", lambda: edited(_null_ec_parameters), "ec-p256", "key-type",
+     "not the profile's id-ecPublicKey with the named curve prime256v1"),
+    ("version 2", lambda: edited(_version_2), "ec-p256", "version", "version is not 0"),
+    ("sha-384", _sha384, "ec-p256", "signature-algorithm",
+     "1.2.840.10045.4.3.3 is not the profile's ecdsa-with-SHA256"),
+    ("compressed point", lambda: edited(_compressed_point), "ec-p256", "key-encoding", "EC point is compressed"),
+    ("empty extension request", lambda: edited(_extension_request([[]])), "ec-p256", "attribute",
+     "empty extensionRequest attribute"),
+    ("extension request without values", lambda: edited(_extension_request([])), "ec-p256", "attribute",
+     "empty extensionRequest attribute"),
+    ("signature unused bits", _signature_unused_bits, "ec-p256", "signature-encoding",
+     "signature BIT STRING has unused bits"),
+    ("trailing garbage", lambda: make_csr() + b"\x00\x00", "ec-p256", "trailing", "2 bytes after its end"),
+    ("long outer length", _long_outer_length, "ec-p256", "non-canonical", "not canonical DER"),
+    ("long version length", _long_version_length, "ec-p256", "non-canonical", "not canonical DER"),
+    ("rsa key without null", _rsa_key_without_null, "rsa-2048", "key-type",
+     "not the profile's rsaEncryption with NULL parameters"),
+    ("rsa signature without null",
+     lambda: signed(_info_bytes("rsa-2048"), host_key("rsa-2048"), der.seq(der.oid("1.2.840.113549.1.1.11"))),
+     "rsa-2048", "signature-algorithm", "1.2.840.113549.1.1.11 has parameters other than the profile's"),
+    ("rsa signature on an ec key", lambda: signed(_info_bytes(), host_key(), der.RSA_PKCS1_SHA256), "ec-p256",
+     "signature-algorithm", "is not the profile's ecdsa-with-SHA256"),
+    ("no attributes field", lambda: signed(der.seq(*_info_parts()[:3]), host_key()), "ec-p256", "attribute",
+     "attributes field is missing"),
 ]
 
 
-@pytest.mark.parametrize("name,make,code,text", CASES, ids=[c[0] for c in CASES])
-def test_bad_csr_is_refused_with_its_reason(name: str, make: Callable[[], bytes], code: str, text: str) -> None:
+def _info_parts() -> list[bytes]:
+    info = asn1_csr.CertificationRequestInfo.load(_info_bytes())
+    return [info[field].dump() for field in ("version", "subject", "subject_pk_info", "attributes")]
+
+
+@pytest.mark.parametrize("name,make,key_type,code,text", CASES, ids=[c[0] for c in CASES])
+def test_bad_csr_is_refused_with_its_reason(name: str, make: Callable[[], bytes], key_type: str, code: str,
+                                            text: str) -> None:
     with pytest.raises(CsrRefused) as refused:
-        check_csr(make(), profile(), expected(), nobody)
+        check_csr(make(), profile(key_type), expected(), nobody)
     assert refused.value.code == code
     assert text in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+RESIGNED = ["null ec parameters", "version 2", "compressed point", "empty extension request",
+            "extension request without values", "long version length", "rsa key without null",
+            "rsa signature without null", "no attributes field"]
+
+
+@pytest.mark.parametrize("name", RESIGNED)
+def test_each_edited_vector_is_signed_by_its_key(name: str) -> None:
+    """The edit is the vector's only flaw: its signature verifies over its (edited) info."""
+    (make, key_type) = next((c[1], c[2]) for c in CASES if c[0] == name)
+    request = asn1_csr.CertificationRequest.load(make())
+    info, signature = request["certification_request_info"].dump(), request["signature"].contents[1:]
+    public_key = host_key(key_type).public_key()
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(signature, info, ec.ECDSA(hashes.SHA256()))
+    else:
+        public_key.verify(signature, info, padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest.mark.parametrize("key_type", ["ec-p256", "rsa-2048", "rsa-3072"])
+@pytest.mark.parametrize("organization", ["Test Org", None])
+def test_the_reference_devices_csr_is_accepted_for_each_key_type(key_type: str, organization: str | None) -> None:
+    subject = csr_subject(SERIAL, organization, CHIP)
+    key = host_key(key_type)
+    accepted = check_csr(make_csr(key, subject), profile(key_type), subject, nobody)
+    assert accepted.public_key_der == key.public_key().public_bytes(serialization.Encoding.DER,
+                                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_an_exception_from_a_parser_is_a_malformed_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(data: bytes) -> x509.CertificateSigningRequest:
+        raise RuntimeError("a parser bug")
+    monkeypatch.setattr(policy.x509, "load_der_x509_csr", explode)
+    with pytest.raises(CsrRefused) as refused:
+        check_csr(make_csr(), profile(), expected(), nobody)
+    assert refused.value.code == "malformed" and str(refused.value) == "the CSR is not well-formed DER."
+
+
+def test_a_bug_in_the_policy_is_an_internal_refusal_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(public_key: object) -> bytes:
+        raise KeyError("a policy bug")
+    monkeypatch.setattr(policy.px, "spki_der", explode)
+    with pytest.raises(CsrRefused) as refused:
+        check_csr(make_csr(), profile(), expected(), nobody)
+    assert refused.value.code == "internal"
+    assert str(refused.value) == "the CSR policy could not check this CSR (KeyError)."
+
+
+def test_what_the_key_lookup_raises_is_not_taken_for_a_refusal() -> None:
+    def closed(_: str) -> str | None:
+        raise StamplineError("the ledger is closed.")
+    with pytest.raises(StamplineError, match="the ledger is closed") as raised:
+        check_csr(make_csr(), profile(), expected(), closed)
+    assert not isinstance(raised.value, CsrRefused)
 
 
 def test_public_key_issued_to_another_device_is_refused() -> None:

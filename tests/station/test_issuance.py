@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from stampline import ceremony
 from stampline.errors import StamplineError
+from stampline.pki import policy
 from stampline.pki.policy import CsrRefused, check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.station.issuance import IssuanceDesk
@@ -195,6 +196,57 @@ def test_a_token_failure_reaches_every_port_and_records_nothing(issuer: DeviceIs
     assert len(outcomes) == len(chips)  # every port was answered, none left waiting
     assert all("DeviceRemoved" in str(o) for o in outcomes.values())
     assert ledger.certificates() == []
+
+
+@pytest.mark.parametrize("patched,code", [("load_der_x509_csr", "malformed"), ("spki_der", "internal")])
+def test_a_csr_that_makes_the_policy_raise_is_a_recorded_refusal(issuer: DeviceIssuer, ledger: Ledger,
+                                                                 monkeypatch: pytest.MonkeyPatch, patched: str,
+                                                                 code: str) -> None:
+    """A parser that raises anything (or a bug further on in the policy): the port hears a
+    refusal, and the ledger holds it with the CSR's bytes, as for any other refusal."""
+    chips = ["000000000001", "000000000002"]
+    batch = open_batch(ledger, chips)
+    hostile = csr(chips[0], "SN-1")
+
+    def explode(*args: object) -> object:
+        raise RuntimeError("nobody foresaw this")
+    with IssuanceDesk(issuer, ledger) as desk:
+        monkeypatch.setattr(policy.x509 if patched == "load_der_x509_csr" else policy.px, patched, explode)
+        with pytest.raises(CsrRefused) as refused:
+            desk.issue(hostile, profile("SN-1"), subject(chips[0], "SN-1"), chips[0], batch, "SN-1")
+        monkeypatch.undo()
+        desk.issue(csr(chips[1], "SN-2"), profile("SN-2"), subject(chips[1], "SN-2"), chips[1], batch, "SN-2")
+    assert refused.value.code == code and refused.value.recorded
+    (record,) = ledger.refusals(chips[0])
+    assert (record.step, record.reason, record.csr_der, record.device_serial) == ("issue", str(refused.value),
+                                                                                hostile, "SN-1")
+    assert ledger.live_certificate(chips[0]) is None and ledger.live_certificate(chips[1]) is not None
+    assert ledger.refusals(chips[1]) == []
+
+
+def test_every_policy_refusal_is_recorded_by_the_desk_even_when_the_token_fails(issuer: DeviceIssuer,
+                                                                                ledger: Ledger) -> None:
+    chips = ["000000000001", "000000000002"]
+    batch = open_batch(ledger, chips)
+
+    class BrokenToken:
+        public_key = issuer.signer.public_key
+        scheme = issuer.signer.scheme
+
+        def sign_many(self, items: Iterable[bytes]) -> list[bytes]:
+            list(items)  # the policy sees every request, then the token fails
+            raise StamplineError("token 'line' refused to sign with 'sub-ca': DeviceRemoved.")
+
+    hostile = csr(chips[0], "SN-1") + b"\x00"
+    with IssuanceDesk(DeviceIssuer(issuer.ca_cert, BrokenToken()), ledger) as desk:  # type: ignore[arg-type]
+        outcomes = at_once({
+            chips[0]: (desk, (hostile, profile("SN-1"), subject(chips[0], "SN-1"), chips[0], batch, "SN-1")),
+            chips[1]: (desk, (csr(chips[1], "SN-2"), profile("SN-2"), subject(chips[1], "SN-2"), chips[1], batch,
+                              "SN-2")),
+        })
+    assert isinstance(outcomes[chips[0]], CsrRefused) and outcomes[chips[0]].code == "trailing"  # type: ignore[union-attr]
+    assert "DeviceRemoved" in str(outcomes[chips[1]])
+    assert [(r.chip_id, r.csr_der) for r in ledger.refusals()] == [(chips[0], hostile)]
 
 
 def test_the_closed_desk_refuses_work(issuer: DeviceIssuer, ledger: Ledger) -> None:

@@ -13,6 +13,9 @@ The desk applies the policy to one request while the token signs the one before,
 for a batch's commit before it takes the next: the policy's question "was this key issued
 already?" is then answered by the ledger for earlier batches and by the desk for its own, so
 two devices presenting one key are refused before the second is signed.
+
+A CSR the policy refuses is recorded in the ledger's refusals (its reason and its bytes) before
+its port hears the refusal, whatever the policy found wrong with it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Iterator
 from cryptography import x509
 
 from stampline.errors import StamplineError
-from stampline.pki.policy import AcceptedCsr, check_csr
+from stampline.pki.policy import AcceptedCsr, CsrRefused, check_csr
 from stampline.pki.profile import DeviceIssuer, DeviceProfile, IssueRequest
 from stampline.station.ledger import Ledger
 from stampline.station.ledger_ops import IssuanceRow
@@ -63,9 +66,10 @@ class IssuanceDesk:
         """Apply the CSR policy (the CSR must carry ``subject``), sign, record; returns the DER
         once the record is durable.
 
-        Raises `CsrRefused` when the policy refuses the CSR, and `StamplineError` when the token
-        or the ledger refuses (a second live certificate for the chip, say): then nothing is
-        recorded and nothing is returned.
+        Raises `CsrRefused` when the policy refuses the CSR (recorded in the ledger's refusals
+        first, with ``recorded`` set, unless the ledger failed), and `StamplineError` when the
+        token or the ledger refuses (a second live certificate for the chip, say): then no
+        certificate is recorded and nothing is returned.
         """
         request = _Request(bytes(csr), profile, subject, chip_id, batch_id, device_serial)
         self._inbox.put(request)
@@ -104,6 +108,23 @@ class IssuanceDesk:
                     settle(request.ticket, None, failure)
 
     def _serve(self, batch: list[_Request]) -> None:
+        refused: list[tuple[_Request, CsrRefused]] = []
+        try:
+            self._sign(batch, refused)
+        finally:  # whatever became of the batch, each refused CSR is recorded, then its port hears it
+            for request, refusal in refused:
+                self._record_refusal(request, refusal)
+
+    def _record_refusal(self, request: _Request, refusal: CsrRefused) -> None:
+        try:
+            self.ledger.record_refusal(request.chip_id, request.batch_id, request.device_serial, "issue",
+                                       str(refusal), request.csr)
+            refusal.recorded = True
+        except Exception:  # the port hears the refusal unrecorded, and records it itself
+            log.exception("a refused CSR could not be recorded")
+        settle(request.ticket, None, refusal)
+
+    def _sign(self, batch: list[_Request], refused: list[tuple[_Request, CsrRefused]]) -> None:
         accepted: list[tuple[_Request, AcceptedCsr]] = []
         signing: dict[str, str] = {}  # public key SHA-256 -> chip, for keys accepted in this batch
 
@@ -114,7 +135,10 @@ class IssuanceDesk:
             for request in batch:
                 try:
                     csr = check_csr(request.csr, request.profile, request.subject, issued_to)
-                except Exception as exc:  # CsrRefused, or a bug: this port hears it, the others go on
+                except CsrRefused as refusal:  # answered once recorded
+                    refused.append((request, refusal))
+                    continue
+                except Exception as exc:  # the ledger could not say whether the key was issued: this port hears it
                     request.ticket.set_exception(exc)
                     continue
                 accepted.append((request, csr))
@@ -124,8 +148,9 @@ class IssuanceDesk:
         try:
             issued = self.issuer.issue_many(checked())
         except Exception as exc:  # the token failed as a whole: every port not yet answered hears why
+            answered = {request for request, _ in refused}
             for request in batch:
-                if not request.ticket.done():
+                if not request.ticket.done() and request not in answered:
                     request.ticket.set_exception(exc)
             return
         if len(issued) != len(accepted):
