@@ -3,6 +3,9 @@
 Everything the device sends is untrusted: replies are matched by request id and type, parsed
 strictly, and any byte that is not part of a well-formed frame while a request is outstanding
 fails that request. The device must therefore not log on the protocol port.
+
+Every error of the port itself (pyserial's, the OS's, termios') is a ``LinkLost``: the device went
+away (unplugged, reset, powered off, re-enumerated on USB). The caller decides whether to wait for it.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ import dataclasses
 import hashlib
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any, Self, TypeVar
 
 import serial
+
+try:
+    import termios
+    _TERMIOS_ERRORS: tuple[type[Exception], ...] = (termios.error,)
+except ImportError:  # pragma: no cover - Windows has no termios
+    _TERMIOS_ERRORS = ()
 
 from stampline.protocol.messages import (
     CHUNK_OVERHEAD,
@@ -58,6 +68,29 @@ class LinkTimeout(ProtocolError):
     """The device did not answer in time."""
 
 
+class LinkLost(ProtocolError):
+    """The port failed under the link: the device went away (a reset, a power cut, the cable, USB
+    re-enumeration). The link is dead; a new one may be opened when the device is back."""
+
+
+PORT_ERRORS: tuple[type[Exception], ...] = (serial.SerialException, OSError, *_TERMIOS_ERRORS)
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, _TERMIOS_ERRORS) and len(e.args) == 2:  # termios.error(5, 'Input/output error')
+        return f"[Errno {e.args[0]}] {e.args[1]}"
+    return str(e)
+
+
+@contextmanager
+def _port_errors(what: str) -> Iterator[None]:
+    """Turn any error of the port (pyserial, OS, termios) into ``LinkLost`` saying what failed."""
+    try:
+        yield
+    except PORT_ERRORS as e:
+        raise LinkLost(f"{what} failed: {_reason(e)}.") from e
+
+
 class Link:
     """Request/response with one device over an open pyserial port (or anything like one).
 
@@ -71,7 +104,8 @@ class Link:
     def __init__(self, port: Any, *, tap: Tap | None = None,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
         self._port = port
-        self._port.timeout = POLL_INTERVAL
+        with _port_errors("Configuring the serial port"):
+            self._port.timeout = POLL_INTERVAL
         self._tap = tap
         self._decoder = FrameDecoder()
         self._last_id = 0
@@ -80,7 +114,8 @@ class Link:
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.stale_frames = 0
-        self._reopen: Callable[[], Link] | None = None
+        self._reopen: Callable[[str], Link] | None = None
+        self.url = ""  # the port's name, when opened by ``open``
 
     @classmethod
     def open(cls, url: str, baudrate: int = 115200, *, tap: Tap | None = None,
@@ -88,20 +123,31 @@ class Link:
         """Open a port: a device path, a pty, ``socket://host:port``, ``loop://``."""
         try:
             port = serial.serial_for_url(url, baudrate=baudrate, timeout=POLL_INTERVAL)
-        except (serial.SerialException, ValueError) as e:
+        except ValueError as e:
             raise ProtocolError(f"Cannot open the serial port {url}: {e}.") from e
-        link = cls(port, tap=tap, keepalive_timeout=keepalive_timeout)
-        link._reopen = lambda: cls.open(url, baudrate, tap=tap, keepalive_timeout=keepalive_timeout)
+        except PORT_ERRORS as e:
+            raise LinkLost(f"Cannot open the serial port {url}: {_reason(e)}.") from e
+        try:
+            link = cls(port, tap=tap, keepalive_timeout=keepalive_timeout)
+        except LinkLost:
+            with suppress(*PORT_ERRORS):
+                port.close()
+            raise
+        link.url = url
+        link._reopen = lambda name: cls.open(name, baudrate, tap=tap, keepalive_timeout=keepalive_timeout)
         return link
 
-    def reopen(self) -> Link:
-        """A new link on the same port (after the line dropped); this one must be closed."""
+    def reopen(self, url: str | None = None) -> Link:
+        """A new link on the same port (after the line dropped), or on ``url`` with the same
+        settings; this one must be closed."""
         if self._reopen is None:
             raise ProtocolError("This link was not opened from a port name and cannot be reopened.")
-        return self._reopen()
+        return self._reopen(url or self.url)
 
     def close(self) -> None:
-        self._port.close()
+        """Close the port; a port that is already gone closes quietly."""
+        with suppress(*PORT_ERRORS):
+            self._port.close()
 
     def __enter__(self) -> Self:
         return self
@@ -116,17 +162,13 @@ class Link:
     def _write(self, data: bytes) -> None:
         if self._tap:
             self._tap("tx", data)
-        try:
+        with _port_errors("Writing to the serial port"):
             self._port.write(data)
-        except (serial.SerialException, OSError) as e:
-            raise ProtocolError(f"Writing to the serial port failed: {e}.") from e
         self.tx_bytes += len(data)
 
     def _read(self) -> bytes:
-        try:
+        with _port_errors("Reading from the serial port"):
             data: bytes = self._port.read(max(1, self._port.in_waiting))
-        except (serial.SerialException, OSError) as e:
-            raise ProtocolError(f"Reading from the serial port failed: {e}.") from e
         if data:
             self.rx_bytes += len(data)
             if self._tap:
@@ -143,10 +185,8 @@ class Link:
         name = msg.TYPE.name
         request_id = self._next_id()
         frame = encode_frame(Frame(msg.TYPE, request_id, msg.encode()))
-        try:
+        with _port_errors("Reading from the serial port"):
             self._port.reset_input_buffer()  # drop anything left from earlier requests
-        except (serial.SerialException, OSError) as e:
-            raise ProtocolError(f"Reading from the serial port failed: {e}.") from e
         self._decoder.reset()
         self._write(frame)
         start = time.monotonic()

@@ -5,6 +5,10 @@ NVS stamp, finish.
 
 Every step is timed and journaled. The certificate is durable in the ledger before a byte of
 it goes to the device, so a crash at any point resumes without a second certificate.
+
+A device that goes away (a reset, a power cut, a USB-Serial-JTAG chip leaving the bus) is waited
+for and found again, on its port or by its chip id on another, and its flow starts again from
+the ledger's state. A stop request is honoured between steps only, never inside one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,13 +28,14 @@ from stampline.errors import StamplineError, shown
 from stampline.pki.policy import CsrRefused, check_csr, csr_subject
 from stampline.pki.profile import DeviceIssuer, DeviceProfile
 from stampline.protocol import messages as m
-from stampline.protocol.link import Link, LinkTimeout
+from stampline.protocol.link import Link, LinkLost, LinkTimeout
 from stampline.protocol.wire import ProtocolError
 from stampline.firmware.image import compare_versions
 from stampline.recipe import Recipe, parse_version
 from stampline.station.firmware_set import CheckedImage, FirmwareSet
 from stampline.station.issuance import IssuanceDesk
 from stampline.station.ledger import DeviceState, Ledger
+from stampline.station.ports import PortFinder
 
 KEY_TYPES = {"ec-p256": m.KeyType.EC_P256, "rsa-2048": m.KeyType.RSA_2048, "rsa-3072": m.KeyType.RSA_3072}
 # Longest a key generation may take, keep-alives included (the device sends BUSY meanwhile).
@@ -37,6 +43,8 @@ KEYGEN_HARD_TIMEOUT = {"ec-p256": 10.0, "rsa-2048": 60.0, "rsa-3072": 240.0}
 DONE_STATES = (DeviceState.PROVISIONED.value, DeviceState.LOCKING.value, DeviceState.SECURED.value)
 BOOT_TIMEOUT = 30.0  # a reboot into firmware that is already there
 FIRST_BOOT_TIMEOUT = 600.0  # the first boot encrypts the flash in place: about a minute on a real chip
+MAX_LOSSES = 3  # a device that goes away more often than this within one run fails
+SEARCH_INTERVAL = 0.2  # between two looks for a device that left the bus
 
 
 class DeviceFailed(StamplineError):
@@ -45,6 +53,46 @@ class DeviceFailed(StamplineError):
     def __init__(self, step: str, message: str) -> None:
         super().__init__(message)
         self.step = step
+
+
+class OtherDevice(StamplineError):
+    """Another chip answers where this device was."""
+
+
+class Stopped(Exception):
+    """The station is stopping: the flow stopped before ``step`` (or while waiting in it)."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(f"stopped at {step}")
+        self.step = step
+
+
+class StopRequest:
+    """The operator's request to stop the line (Ctrl-C, SIGTERM), shared by its flows.
+
+    ``FINISH`` (the first request): no new device starts; a device under way finishes, or stops
+    where its flow only waits (a boot, a device that went away). ``NOW`` (the second): every flow
+    stops at its next step boundary. No step is cut short: ``issue`` (signature and durable
+    ledger record) and every flash write run to their end.
+    """
+
+    FINISH = 1
+    NOW = 2
+
+    def __init__(self) -> None:
+        self.level = 0
+        self._requested = threading.Event()
+
+    def request(self, level: int | None = None) -> int:
+        """Stop one level further than before (or at ``level``); returns the level now."""
+        wanted = self.level + 1 if level is None else level
+        self.level = min(self.NOW, max(self.level, wanted))
+        self._requested.set()
+        return self.level
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking at once when a stop is requested."""
+        self._requested.wait(seconds)
 
 
 @dataclass
@@ -71,7 +119,7 @@ class DeviceResult:
     port: str
     chip_id: str = ""
     serial: str = ""
-    outcome: str = "failed"  # provisioned | secured | already-provisioned | failed
+    outcome: str = "failed"  # provisioned | secured | already-provisioned | failed | stopped
     step: str = ""
     reason: str = ""
     steps: dict[str, float] = field(default_factory=dict)
@@ -88,19 +136,36 @@ Progress = Callable[[str, str, str, str], None]  # (port, chip_id, serial, step)
 
 
 class Flow:
-    """Provision the device on one link."""
+    """Provision the device on one link.
 
-    def __init__(self, context: StationContext, link: Link, port: str, progress: Progress | None = None) -> None:
+    ``stop`` is the line's stop request, ``finder`` its port claims and search, ``opener`` opens
+    a link on a port name (to reconnect); by default the link's own ``reopen``.
+    """
+
+    def __init__(self, context: StationContext, link: Link, port: str, progress: Progress | None = None, *,
+                 stop: StopRequest | None = None, finder: PortFinder | None = None,
+                 opener: Callable[[str], Link] | None = None) -> None:
         self.ctx = context
         self.recipe = context.recipe
         self.link = link
         self.result = DeviceResult(port)
         self._progress = progress or (lambda *_: None)
+        self.stop = stop or StopRequest()
+        self.finder = finder or PortFinder()
+        self._open = opener or link.reopen
+        self.port_now = port  # where the device answers now: another name after USB re-enumeration
+        self._attached = True  # False once the link is lost, until the device is found again
+        self._lost_why = ""
 
     # -- step machinery ---------------------------------------------------------------------
 
     def _step(self, name: str, action: Callable[[], object]) -> object:
         r = self.result
+        if self.stop.level >= StopRequest.NOW:  # a step boundary is a safe place to stop
+            if r.chip_id:
+                self.ctx.ledger.record_step(r.chip_id, self.ctx.batch_id, name, time.time(), 0.0, "skipped",
+                                            "the station was stopped before this step")
+            raise Stopped(name)
         r.step = name
         self._progress(r.port, r.chip_id, r.serial, name)
         started = time.time()
@@ -111,10 +176,17 @@ class Flow:
         except DeviceFailed:
             outcome = "failed"
             raise
+        except Stopped:  # while waiting: the device finishes on its own, the next run picks it up
+            outcome, detail = "skipped", "the station was stopped while waiting"
+            raise
+        except LinkLost as lost:  # the device went away: the flow waits for it and starts again
+            outcome, detail = "failed", str(lost)
+            raise
         except CsrRefused as refused:
             outcome, detail = "failed", str(refused)
-            self.ctx.ledger.record_refusal(r.chip_id, self.ctx.batch_id, r.serial or None, name, str(refused),
-                                           getattr(self, "_csr", None))
+            if not refused.recorded:  # the issuance desk records its own refusals
+                self.ctx.ledger.record_refusal(r.chip_id, self.ctx.batch_id, r.serial or None, name, str(refused),
+                                               getattr(self, "_csr", None))
             raise DeviceFailed(name, f"the CSR was refused: {refused}") from None
         except StamplineError as exc:
             outcome, detail = "failed", str(exc)
@@ -133,13 +205,17 @@ class Flow:
         begin = time.perf_counter()
         try:
             try:
-                self._run()
-            except DeviceFailed:
+                if self.stop.level:  # no new device once the station is stopping
+                    raise Stopped("identify")
+                self._run_resuming()
+            except (DeviceFailed, Stopped):
                 raise
             except StamplineError as exc:  # outside any step: charge it to the step the device was at
                 raise DeviceFailed(r.step or "start", str(exc)) from None
             except Exception as exc:
                 raise DeviceFailed(r.step or "start", f"internal error ({type(exc).__name__}).") from None
+        except Stopped as stopped:  # the ledger's state is where the next run resumes
+            r.outcome, r.step, r.reason = "stopped", stopped.step, "the station was stopped."
         except DeviceFailed as failed:
             r.outcome, r.step, r.reason = "failed", failed.step, str(failed)
             if r.chip_id and not self._finished_before():
@@ -159,6 +235,22 @@ class Flow:
         return current is not None and current.state in DONE_STATES
 
     # -- the flow ---------------------------------------------------------------------------
+
+    def _run_resuming(self) -> None:
+        """The flow; when the device goes away mid-step (a reset, a power cut, USB
+        re-enumeration) it is waited for, found again, and the flow starts over from identify,
+        resuming where the ledger says, as after a station restart."""
+        for losses in range(MAX_LOSSES + 1):
+            try:
+                self._run()
+                return
+            except LinkLost as lost:
+                if losses == MAX_LOSSES:
+                    raise DeviceFailed(self.result.step, f"the device went away {losses + 1} times: {lost}") from None
+                self._lost_why = str(lost)
+                self._detach()
+                self._step("reconnect", lambda: self._await_device(self.ctx.boot_timeout, "going away",
+                                                                   why=self._lost_why, attached_enough=True))
 
     def _run(self) -> None:
         ledger, r = self.ctx.ledger, self.result
@@ -223,7 +315,15 @@ class Flow:
             self._lock()
 
     def _identify(self) -> m.HelloReply:
-        hello = self.link.request(m.Hello(), timeout=3.0)
+        try:
+            hello = self._hello(timeout=3.0)
+        except m.DeviceError as exc:
+            if exc.code != m.ErrorCode.BUSY:
+                raise
+            # still booting, e.g. in its first boot when the station started: wait for it
+            found = self._await_device(self.ctx.first_boot_timeout, "its boot", why=str(exc))
+            assert found is not None
+            hello = found
         r = self.result
         r.chip_id = hello.chip_id.hex()
         self._progress(r.port, r.chip_id, r.serial, "identify")
@@ -292,39 +392,123 @@ class Flow:
                     self.link.flash(address, image.data, compressed=image.compressed)
                     return
                 except (LinkTimeout, ProtocolError) as exc:
-                    if isinstance(exc, m.DeviceError) or attempt == 2:
+                    if isinstance(exc, (m.DeviceError, LinkLost)) or attempt == 2:
                         raise
                     self._reconnect()  # the transfer resumes where the device says it stopped
         self._step(step, write)
 
     def _reconnect(self) -> None:
+        """A new link on the same port (a transfer that timed out; the port is still there)."""
         self.link.close()
-        self.link = self.link.reopen()
+        self.link = self._open(self.port_now)
         self._hello()
 
     def _hello(self, timeout: float = 3.0) -> m.HelloReply:
         """HELLO, and the same chip as at identify: a device swapped during a reboot is not this one."""
         hello = self.link.request(m.Hello(), timeout=timeout)
         if self.result.chip_id and hello.chip_id.hex() != self.result.chip_id:
-            raise StamplineError(f"another device ({hello.chip_id.hex()}) answers on this port now.")
+            raise OtherDevice(f"another device ({hello.chip_id.hex()}) answers on this port now.")
         return hello
 
     def _await_boot(self, timeout: float) -> m.HelloReply:
-        """HELLO until the device answers after a reboot (it answers BUSY while it boots; a real
-        chip's ROM prints to the line at reset, which is not a frame)."""
+        hello = self._await_device(timeout, "its reboot")
+        assert hello is not None
+        return hello
+
+    def _await_device(self, timeout: float, what: str, *, why: str = "no answer",
+                      attached_enough: bool = False) -> m.HelloReply | None:
+        """HELLO until the device answers: it answers BUSY while it boots, and a real chip's ROM
+        prints to the line at reset, which is not a frame. If the port goes away (a USB-Serial-JTAG
+        chip leaves the bus at every reset) the device is looked for again (``_attach``).
+        With ``attached_enough``, returns (None) as soon as a link to the device is open again.
+        A wait is a safe place to stop: a stop request ends it."""
         deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+        last = why
+        while True:
+            hello: m.HelloReply | None = None
+            if not self._attached:
+                hello, problem = self._attach()
+                last = problem or last
+                if attached_enough and self._attached:
+                    return None
+            else:
+                try:
+                    hello = self._hello(timeout=1.0)
+                except OtherDevice as exc:
+                    if not self.finder.searches:
+                        raise
+                    last = str(exc)
+                    self._detach()
+                except m.DeviceError as exc:
+                    last = str(exc)
+                    if exc.code != m.ErrorCode.BUSY:
+                        raise StamplineError(f"the device does not come back after {what}: {exc.detail or exc}") from None
+                except LinkLost as exc:
+                    last = str(exc)
+                    self._detach()
+                except ProtocolError as exc:  # silence, or the ROM's output at reset
+                    last = str(exc)
+            if hello is not None:
+                return hello
+            if time.monotonic() >= deadline:
+                raise StamplineError(f"the device did not come back within {timeout:.0f} s of {what} ({last}).")
+            self.stop.wait(0.05 if self._attached else SEARCH_INTERVAL)
+            if self.stop.level:
+                raise Stopped(self.result.step)
+
+    def _detach(self) -> None:
+        """The link is lost: close it, and let go of the port for whichever flow's device appears there."""
+        self.link.close()
+        self._attached = False
+        self.finder.release(self.result.port)
+
+    def _attach(self) -> tuple[m.HelloReply | None, str]:
+        """Look for the device once: on its own port, then (its chip id known) on the finder's
+        candidates, skipping ports other flows hold. Its own port is taken back when it answers
+        as this chip, or without saying which chip (booting, not up yet); another port only when
+        HELLO answers with this chip id. Returns the HELLO if one answered, and the last problem."""
+        own, chip_id = self.result.port, self.result.chip_id
+        ports = [own] + [p for p in self.finder.candidates() if p != own and chip_id]
+        problem = ""
+        for port in ports:
+            if not self.finder.claim(port, own):
+                continue
+            hello: m.HelloReply | None = None
             try:
-                return self._hello(timeout=1.0)
-            except m.DeviceError as exc:
-                last = str(exc)
-                if exc.code not in (m.ErrorCode.BUSY,):
-                    raise StamplineError(f"the device does not come back after its reboot: {exc.detail or exc}") from None
-            except (LinkTimeout, ProtocolError) as exc:
-                last = str(exc)
-            time.sleep(0.05)
-        raise StamplineError(f"the device did not come back within {timeout:.0f} s of its reboot ({last}).")
+                link = self._open(port)
+            except ProtocolError as exc:
+                problem = str(exc)
+                self.finder.release(own)
+                continue
+            try:
+                hello = link.request(m.Hello(), timeout=1.0)
+            except LinkLost as exc:
+                problem = str(exc)
+            except ProtocolError as exc:  # BUSY, silence or noise: no chip id said
+                problem = str(exc)
+                if port == own:
+                    self._attach_to(link, port)
+                    return None, problem
+            if hello is not None:
+                if not chip_id or hello.chip_id.hex() == chip_id:
+                    self._attach_to(link, port)
+                    return hello, ""
+                problem = f"another device ({hello.chip_id.hex()}) answers on {port}"
+                if port == own and not self.finder.searches:
+                    link.close()
+                    self.finder.release(own)
+                    raise OtherDevice(f"another device ({hello.chip_id.hex()}) answers on this port now.")
+            link.close()
+            self.finder.release(own)
+        return None, problem
+
+    def _attach_to(self, link: Link, port: str) -> None:
+        self.link, self._attached = link, True
+        if port != self.port_now:
+            self.port_now = port
+            if self.result.chip_id:
+                self.ctx.ledger.record_step(self.result.chip_id, self.ctx.batch_id, "reconnect", time.time(), 0.0,
+                                            "ok", f"found again on {shown(port, 200)}")
 
     def _lock(self) -> None:
         """Swap in the secure bootloader, boot the application, wait until the device reports secured."""

@@ -10,6 +10,7 @@ import sqlite3
 from enum import Enum
 from pathlib import Path
 
+from stampline import private
 from stampline.errors import StamplineError
 
 SCHEMA_VERSION = 1
@@ -137,9 +138,11 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     """
     target = path.resolve().as_uri() + "?mode=ro" if readonly else str(path)
     try:
+        if not readonly:
+            private.create_file(path)  # 0600: SQLite gives its -wal and -shm files the same mode
         conn = sqlite3.connect(target, uri=readonly, timeout=BUSY_TIMEOUT_S,
                                isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
+    except (OSError, sqlite3.Error) as exc:
         raise StamplineError(f"cannot open the ledger at {path}: {exc}.") from None
     conn.row_factory = sqlite3.Row
     return conn

@@ -1,6 +1,8 @@
 """The line: one flow per port, all ports at once, with a progress display for the operator.
 
-A failure stays with its device: the other ports go on. Ports run on threads (the work is
+A failure stays with its device: the other ports go on. A stop request (``StopRequest``) starts
+no new device and stops each flow at a safe point; every port still gets its result. Ports
+run on threads (the work is
 waiting on serial lines); certificates are signed and recorded by the issuance desk, in batches,
 through the token's single owner thread and the ledger's group-commit writer, so neither is
 touched concurrently.
@@ -21,9 +23,10 @@ from stampline.pki.profile import DeviceIssuer
 from stampline.protocol.link import Link
 from stampline.recipe import Recipe
 from stampline.station.firmware_set import FirmwareSet
-from stampline.station.flow import DeviceResult, Flow, StationContext
+from stampline.station.flow import DeviceResult, Flow, StationContext, StopRequest
 from stampline.station.issuance import IssuanceDesk
 from stampline.station.ledger import Ledger
+from stampline.station.ports import PortFinder
 from stampline.workspace import Workspace
 
 
@@ -59,6 +62,13 @@ class Display:
         self._stop = threading.Event()
         self._drawn = 0
         self._thread = threading.Thread(target=self._loop, daemon=True) if self.live else None
+
+    def note(self, text: str) -> None:
+        """A line for the operator (e.g. that the station is stopping), shown above the table."""
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._drawn = 0  # the live table is drawn again below it
 
     def update(self, port: str, chip_id: str, serial: str, step: str) -> None:
         with self._lock:
@@ -103,23 +113,37 @@ LinkOpener = Callable[[str], Link]
 
 
 def run_line(context: StationContext, ports: list[str], display: Display | None = None,
-             open_link: LinkOpener | None = None, baudrate: int = 115200) -> list[DeviceResult]:
-    """Provision the device on every port concurrently; results in port order."""
+             open_link: LinkOpener | None = None, baudrate: int = 115200, *,
+             stop: StopRequest | None = None, finder: PortFinder | None = None) -> list[DeviceResult]:
+    """Provision the device on every port concurrently; results in port order.
+
+    ``stop`` lets the caller stop the line (see ``StopRequest``); ``finder`` says where a device
+    that left the bus may come back (its own port only, by default)."""
     if len(set(ports)) != len(ports):
         raise StamplineError("a port is named twice.")
     opener = open_link or (lambda port: Link.open(port, baudrate))
     update = display.update if display else None
+    stop = stop or StopRequest()
+    finder = finder or PortFinder()
+    claimed = {port: finder.claim(port, port) for port in ports}  # before any flow searches
 
     def one(port: str) -> DeviceResult:
+        if stop.level:
+            finder.release(port)
+            return DeviceResult(port, outcome="stopped", step="connect", reason="the station was stopped.")
+        if not claimed[port]:
+            return DeviceResult(port, step="connect", reason="another port of this run names the same device.")
         try:
             link = opener(port)
         except StamplineError as exc:
+            finder.release(port)
             return DeviceResult(port, step="connect", reason=str(exc))
-        flow = Flow(context, link, port, update)
+        flow = Flow(context, link, port, update, stop=stop, finder=finder, opener=opener)
         try:
             return flow.run()  # it reports every failure of its device in its result
         finally:
             flow.link.close()  # the flow may have reopened it
+            finder.release(port)
 
     with ThreadPoolExecutor(max_workers=max(1, len(ports)), thread_name_prefix="port") as pool:
         return list(pool.map(one, ports))
