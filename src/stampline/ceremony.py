@@ -17,8 +17,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from stampline import private
 from stampline.errors import StamplineError, UsageError
-from stampline.files import write_atomically
+from stampline.files import read_bounded, write_atomically
 from stampline.pki import ca, softhsm
 from stampline.pki import x509 as px
 from stampline.pki.pin import seal, unseal
@@ -154,7 +155,7 @@ def _configure(workspace: Workspace, options: CeremonyOptions, created: list[str
 
 
 def _write_pem(path: Path, cert: x509.Certificate) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private.make_dir(path.parent)
     write_atomically(path, cert.public_bytes(Encoding.PEM))
 
 
@@ -185,7 +186,7 @@ def init(workspace: Workspace, options: CeremonyOptions) -> CeremonyResult:
             csr = px.build_csr(subject, sub_token.signer(sub_label), [(x509.BasicConstraints(ca=True, path_length=0), True)])
         else:
             csr = ca.create_sub_ca_request(sub_token, sub_label, subject, options.key_algorithm)
-        (workspace.ca_dir / "sub-ca.csr.der").write_bytes(csr)
+        private.write_file(workspace.ca_dir / "sub-ca.csr.der", csr)
         sub_cert = ca.sign_sub_ca(root_token.signer(root_label), root_cert, csr, options.sub_days)
         _write_pem(workspace.sub_cert_path, sub_cert)
         created.append("Sub CA")
@@ -195,7 +196,7 @@ def init(workspace: Workspace, options: CeremonyOptions) -> CeremonyResult:
 def _load(path: Path, what: str) -> x509.Certificate:
     if not path.exists():
         raise UsageError(f"the workspace has no {what} certificate ({path.name}); run 'stampline ca init' first.")
-    return px.load_certificate(path.read_bytes(), f"{what} certificate")
+    return px.load_certificate(read_bounded(path, px.MAX_CERTIFICATE_PEM, f"{what} certificate"), f"{what} certificate")
 
 
 def load_root(workspace: Workspace) -> x509.Certificate:
@@ -211,11 +212,19 @@ def issue_crl(workspace: Workspace, revoked: list[px.Revoked], days: int = 7) ->
     config = workspace.config()
     token, label = config.key_token("sub_ca")
     number_path = workspace.ca_dir / "crl-number"
-    number = int(number_path.read_text()) + 1 if number_path.exists() else 1
+    number = _crl_number(number_path) + 1 if number_path.exists() else 1
     crl = ca.issue_crl(token.signer(label), load_sub(workspace), revoked, number, days)
     write_atomically(number_path, str(number).encode())  # first: a crash never reuses a number
     write_atomically(workspace.crl_path, crl.public_bytes(Encoding.PEM))
     return crl
+
+
+def _crl_number(path: Path) -> int:
+    """The number of the last CRL issued (``ca/crl-number``: a decimal number)."""
+    text = read_bounded(path, 64, "CRL number file").strip()  # RFC 5280: at most 20 octets, 49 digits
+    if not text.isdigit():
+        raise StamplineError(f"{path} does not hold a CRL number; restore it (a CRL number is never reused).")
+    return int(text)
 
 
 def issue_crl_from_ledger(workspace: Workspace, days: int = 7) -> tuple[x509.CertificateRevocationList, int]:

@@ -7,11 +7,14 @@ is reported as such.
 
 from __future__ import annotations
 
+#: The longest message an error keeps: a last line of defence against echoing input.
+MAX_MESSAGE = 1000
+
 
 def shown(text: str, limit: int = 60) -> str:
     """Untrusted text, made safe to put in a message: printable and bounded."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= limit else clean[:limit - 3] + "..."
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean if len(text) <= limit else clean[:limit - 3] + "..."
 
 
 class StamplineError(Exception):
@@ -20,6 +23,7 @@ class StamplineError(Exception):
     exit_code = 1
 
     def __init__(self, message: str) -> None:
+        message = shown(str(message), MAX_MESSAGE)  # one printable line, whatever input it quotes
         super().__init__(message)
         self.message = message
 

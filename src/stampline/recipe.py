@@ -8,15 +8,17 @@ into a new demo workspace.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import reprlib
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from stampline.errors import UsageError
+from stampline import yamlfile
+from stampline.errors import UsageError, shown
+from stampline.files import KiB, decode_text, read_bounded
 
 CHIPS = ("esp32c3", "esp32s3", "esp32c6", "esp32")
 DEVICE_KEYS = ("ec-p256", "rsa-2048", "rsa-3072")
@@ -26,6 +28,8 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _NVS_KEY_RE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
 _VERSION_RE = re.compile(r"^v?([0-9]{1,5})\.([0-9]{1,5})\.([0-9]{1,5})(?:[-+][0-9A-Za-z.-]{1,20})?$")
 NVS_STAMP_KEYS = ("serial", "endpoint", "certificate", "ca_certificate", "pop")
+#: The template is 3 KiB; a recipe many times longer is not a recipe.
+MAX_RECIPE_BYTES = 64 * KiB
 
 TEMPLATE = """\
 # stampline product recipe: what the station does for every device of this product.
@@ -138,11 +142,21 @@ def _render(template: str, **values: Any) -> str:
     return template.format_map(values)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def _repr(value: Any) -> str:
+    """A value from the recipe, bounded (however long or deep) and printable, for a message."""
+    return shown(_REPR.repr(value))
+
+
 class _Fields:
-    """Reads a mapping field by field, turning every mistake into one sentence naming the field."""
+    """Reads a mapping field by field, turning every mistake into one sentence naming the field.
+    Every piece of the recipe that goes into a message goes through ``shown`` or ``_repr``."""
 
     def __init__(self, where: str) -> None:
-        self.where = where
+        self.where = shown(where, 160)
 
     def fail(self, path: str, problem: str) -> UsageError:
         return UsageError(f"{self.where}: {path}: {problem}" if path else f"{self.where}: {problem}")
@@ -152,7 +166,7 @@ class _Fields:
             raise self.fail(path, "must be a mapping.")
         for key in raw:
             if key not in allowed:
-                raise self.fail(f"{path}.{key}" if path else str(key),
+                raise self.fail(f"{path}.{shown(str(key), 40)}" if path else shown(str(key), 40),
                                 f"is not a recipe field (expected one of: {', '.join(allowed)}).")
         return raw
 
@@ -165,9 +179,9 @@ class _Fields:
             return default
         value = raw[key]
         if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise self.fail(full, f"must be a whole number, not {value!r}.")
+            raise self.fail(full, f"must be a whole number, not {_repr(value)}.")
         if kind is str and not isinstance(value, str):
-            raise self.fail(full, f"must be a string, not {value!r}.")
+            raise self.fail(full, f"must be a string, not {_repr(value)}.")
         if kind is dict and not isinstance(value, dict):
             raise self.fail(full, "must be a mapping.")
         if check is not None and (problem := check(value)):
@@ -176,47 +190,41 @@ class _Fields:
 
 
 def _one_of(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in options else f"'{v}' is not one of {', '.join(options)}."
+    return lambda v: None if v in options else f"'{shown(v)}' is not one of {', '.join(options)}."
 
 
 def _template_problem(template: str, allowed: set[str], required: str | None) -> str | None:
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError:
-        return f"'{template}' is not a valid template (unbalanced braces)."
+        return f"'{shown(template)}' is not a valid template (unbalanced braces)."
     unknown = names - allowed
     if unknown:
-        return f"the template uses unknown field {{{sorted(unknown)[0]}}} (allowed: {', '.join(sorted(allowed))})."
+        return (f"the template uses unknown field {{{shown(sorted(unknown)[0], 40)}}} "
+                f"(allowed: {', '.join(sorted(allowed))}).")
     if required and required not in names:
         return f"the template must contain {{{required}}}."
     return None
 
 
 def load(path: str | Path) -> Recipe:
+    """Read (at most ``MAX_RECIPE_BYTES`` of UTF-8) and validate the recipe file ``path``."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UsageError(f"there is no recipe at {path}.") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError):
-        raise UsageError(f"the recipe {path} cannot be read as text.") from None
+    if not os.path.lexists(path):
+        raise UsageError(f"there is no recipe at {shown(str(path), 160)}.")
+    text = decode_text(read_bounded(path, MAX_RECIPE_BYTES, "recipe"), shown(str(path), 160))
     return parse(text, str(path), base=path.parent)
 
 
 def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
     """Validate a recipe; relative image paths are taken from ``base`` (the recipe's folder)."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UsageError(f"{where} is not valid YAML{at}.") from None
+    raw = yamlfile.parse(text, shown(where, 160))
     f = _Fields(where)
     top = f.mapping(raw, "", ("product", "chip", "device_key", "serial", "subject", "certificate", "nvs", "pop",
                               "endpoint", "firmware"))
     product = f.mapping(f.get(top, "", "product", dict), "product", ("name", "organization"))
     name = f.get(product, "product", "name", str,
-                 check=lambda v: None if _NAME_RE.match(v) else f"'{v}' must be 1-32 lowercase letters, digits or '-'.")
+                 check=lambda v: None if _NAME_RE.match(v) else f"'{shown(v)}' must be 1-32 lowercase letters, digits or '-'.")
     organization = f.get(product, "product", "organization", str,
                          check=lambda v: None if 0 < len(v) <= 64 and v.isprintable() else "must be 1-64 printable characters.")
     chip = f.get(top, "", "chip", str, check=_one_of(CHIPS))
@@ -232,10 +240,10 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
         try:
             sample = _render(serial_template, counter=counter, product=name)
         except (ValueError, KeyError, IndexError):
-            raise f.fail("serial.template", f"'{serial_template}' cannot be formatted with a counter.") from None
+            raise f.fail("serial.template", f"'{shown(serial_template)}' cannot be formatted with a counter.") from None
         if not _SERIAL_RE.match(sample):
             raise f.fail("serial.template",
-                         f"gives '{sample}', but a serial must be 1-64 letters, digits, '.', '_' or '-'.")
+                         f"gives '{shown(sample)}', but a serial must be 1-64 letters, digits, '.', '_' or '-'.")
         samples.append(sample)
 
     subject_raw = f.mapping(f.get(top, "", "subject", dict, {"common_name": "{serial}"}), "subject",
@@ -261,7 +269,8 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
                      check=lambda v: None if 1 <= v <= 36500 else "must be between 1 and 36500 days.")
 
     nvs = f.mapping(f.get(top, "", "nvs", dict), "nvs", ("partition", "namespace", "keys"))
-    nvs_name_check = (lambda v: None if _NVS_KEY_RE.match(v) else f"'{v}' must be 1-15 letters, digits or '_' (an NVS limit).")
+    nvs_name_check = (lambda v: None if _NVS_KEY_RE.match(v) else
+                      f"'{shown(v)}' must be 1-15 letters, digits or '_' (an NVS limit).")
     partition = f.get(nvs, "nvs", "partition", str, "fctry", check=lambda v: None if v == "fctry" else
                       "the reference manufacturing firmware keeps the stamp in 'fctry' (first boot moves it).")
     namespace = f.get(nvs, "nvs", "namespace", str, check=lambda v: nvs_name_check(v) or (
@@ -282,7 +291,7 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
 
     endpoint = f.mapping(f.get(top, "", "endpoint", dict), "endpoint", ("url", "registration"))
     url = f.get(endpoint, "endpoint", "url", str, check=lambda v: None if re.match(
-        r"^mqtts://[A-Za-z0-9.-]{1,253}(:\d{1,5})?$", v) else f"'{v}' must look like mqtts://host:port.")
+        r"^mqtts://[A-Za-z0-9.-]{1,253}(:\d{1,5})?$", v) else f"'{shown(v)}' must look like mqtts://host:port.")
     registration = f.get(endpoint, "endpoint", "registration", str, "jitr", check=_one_of(REGISTRATION))
 
     fw = f.mapping(f.get(top, "", "firmware", dict), "firmware",
@@ -303,7 +312,7 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
     for part in ("manufacturing", "application"):
         rule = f.mapping(f.get(fw, "firmware", part, dict), f"firmware.{part}", ("min_version", "image", "sha256"))
         text_version = f.get(rule, f"firmware.{part}", "min_version", str,
-                             check=lambda v: None if parse_version(v) else f"'{v}' is not a version like 1.2.3.")
+                             check=lambda v: None if parse_version(v) else f"'{shown(v)}' is not a version like 1.2.3.")
         image_path, digest = image_ref(rule, f"firmware.{part}")
         firmware[part] = FirmwareRule(parse_version(text_version), text_version, image_path, digest)  # type: ignore[arg-type]
     bootloader = None

@@ -11,9 +11,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from stampline import signing
+from stampline import private, signing
 from stampline.firmware import image
 from stampline.firmware.image import MFG_PROJECT
+from stampline.files import read_bounded
 from stampline.workspace import Workspace
 
 
@@ -23,7 +24,7 @@ class Release:
     files: dict[str, Path]  # bootloader, manufacturing, application, secure_boot_key
 
     def data(self, part: str) -> bytes:
-        return self.files[part].read_bytes()
+        return read_bounded(self.files[part], image.MAX_IMAGE_BYTES, "firmware image")
 
     def recipe_firmware(self, mfg_min: str = "1.0.0", app_min: str = "1.0.0") -> str:
         """The recipe's ``firmware:`` section naming these files (paths absolute)."""
@@ -63,7 +64,7 @@ def existing(out: Path) -> Release | None:
 def build(signing_workspace: Workspace, chip: str, out: Path, mfg_version: str = "1.0.0",
           app_version: str = "1.0.0", secure_version: int = 0, app_size: int = 64 * 1024) -> Release:
     """Build and sign a release into ``out`` (the signing key must exist: ``signing.keygen``)."""
-    out.mkdir(parents=True, exist_ok=True)
+    private.make_dir(out)
     parts = {
         "bootloader": image.build_bootloader_image(chip),
         "manufacturing": image.build_app_image(chip, MFG_PROJECT, mfg_version),
@@ -72,6 +73,6 @@ def build(signing_workspace: Workspace, chip: str, out: Path, mfg_version: str =
     }
     files = release_files(out, mfg_version, app_version)
     for part, data in parts.items():
-        files[part].write_bytes(signing.sign(signing_workspace, data, chip))
-    files["secure_boot_key"].write_bytes(signing.key_info(signing_workspace).pem)
+        private.write_file(files[part], signing.sign(signing_workspace, data, chip))
+    private.write_file(files["secure_boot_key"], signing.key_info(signing_workspace).pem)
     return Release(out, files)

@@ -15,14 +15,17 @@ from typing import Any
 
 import yaml
 
-from stampline.errors import StamplineError, UsageError
-from stampline.files import write_atomically
+from stampline import private, yamlfile
+from stampline.errors import StamplineError, UsageError, shown
+from stampline.files import KiB, write_atomically
 from stampline.pki import softhsm
 from stampline.pki.pin import pin_source
 from stampline.pki.token import Token, TokenSpec
 from stampline.pki.uri import Pkcs11Uri
 
 SOFTHSM = "softhsm"  # module shorthand: SoftHSM2 with its token directory inside the workspace
+#: A configuration names a few tokens and keys (about 1 KiB with sealed PINs).
+MAX_CONFIG_BYTES = 64 * KiB
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,16 @@ class Workspace:
 
     @classmethod
     def at(cls, path: str | os.PathLike[str], create: bool = False) -> "Workspace":
+        """The workspace at ``path`` (made 0700 with ``create``); a warning on stderr if group or
+        others can reach it or one of its entries."""
         root = Path(path)
         if root.exists() and not root.is_dir():
             raise UsageError(f"the workspace {root} is not a directory.")
         if create:
-            root.mkdir(parents=True, exist_ok=True)
+            private.make_dir(root)
         elif not root.is_dir():
             raise UsageError(f"there is no workspace at {root}.")
+        private.warn_if_exposed(root.resolve())
         return cls(root.resolve())
 
     # paths
@@ -83,12 +89,7 @@ class Workspace:
     def config(self) -> "StationConfig":
         if not self.config_path.exists():
             raise UsageError(f"{self.root} has no station configuration; run 'stampline ca init --workdir {self.root}' first.")
-        try:
-            raw = yaml.safe_load(self.config_path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UsageError(f"{self.config_path} is not valid YAML{where}.") from None
+        raw = yamlfile.load_mapping(self.config_path, MAX_CONFIG_BYTES, "station configuration")
         return StationConfig.from_dict(raw, self)
 
 
@@ -110,14 +111,18 @@ class StationConfig:
                 raise UsageError(f"{where}: '{field}' is missing.")
         if not isinstance(raw["tokens"], dict) or not isinstance(raw["keys"], dict):
             raise UsageError(f"{where}: 'tokens' and 'keys' must be mappings.")
-        keys = {name: Pkcs11Uri.parse(str(uri)) for name, uri in raw["keys"].items()}
+        for name, uri in raw["keys"].items():
+            if not isinstance(uri, str):
+                raise UsageError(f"{where}: key '{shown(str(name))}' must be a PKCS#11 URI (a string).")
+        keys = {name: Pkcs11Uri.parse(uri) for name, uri in raw["keys"].items()}
         for name, uri in keys.items():
             if uri.token not in raw["tokens"]:
-                raise UsageError(f"{where}: key '{name}' names token '{uri.token}', which 'tokens' does not configure.")
+                raise UsageError(f"{where}: key '{shown(str(name))}' names token '{shown(uri.token)}', "
+                                 "which 'tokens' does not configure.")
         for label, spec in raw["tokens"].items():
             if not isinstance(spec, dict) or "module" not in spec or "pin" not in spec:
-                raise UsageError(f"{where}: token '{label}' needs 'module' and 'pin'.")
-            pin_source(spec["pin"], str(raw["workspace_id"]), f"{where}: tokens.{label}.pin")
+                raise UsageError(f"{where}: token '{shown(str(label))}' needs 'module' and 'pin'.")
+            pin_source(spec["pin"], str(raw["workspace_id"]), f"{where}: tokens.{shown(str(label))}.pin")
         return cls(workspace, str(raw["workspace_id"]), str(raw["station_id"]), raw["tokens"], keys)
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from typing import Any
 from stampline.cli.common import add_json, add_workdir, emit_json
 from stampline.cloud import aws
 from stampline.errors import UsageError
+from stampline.files import KiB, read_bounded
 from stampline.workspace import Workspace
 
-MAX_EVENT_BYTES = 64 * 1024
+MAX_EVENT_BYTES = 64 * KiB  # a JITR event is a few hundred bytes of JSON
 EXIT_SUSPECT = 3  # activate: the certificate is not in the ledger (counterfeit?)
 
 
@@ -97,16 +98,7 @@ def run_register_ca(args: argparse.Namespace) -> int:
 
 
 def _read_event(source: str) -> dict[str, Any]:
-    try:
-        if source == "-":
-            data = sys.stdin.buffer.read(MAX_EVENT_BYTES + 1)
-        else:
-            with open(source, "rb") as f:
-                data = f.read(MAX_EVENT_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read the event {source}: {exc.strerror or exc}.") from None
-    if len(data) > MAX_EVENT_BYTES:
-        raise UsageError(f"the event is larger than {MAX_EVENT_BYTES} bytes.")
+    data = read_bounded(source, MAX_EVENT_BYTES, "event", stdin=True)
     try:
         event = json.loads(data)
     except (ValueError, UnicodeDecodeError):

@@ -13,7 +13,10 @@ from typing import Any
 from stampline.cli.common import add_json, add_workdir, emit_json, non_negative_float, positive_int
 from stampline.device.emulator import DeviceOptions, Emulator, existing_devices
 from stampline.device.timing import TimingModel
-from stampline.errors import UsageError
+from stampline.errors import UsageError, shown
+from stampline.files import read_bounded
+from stampline.firmware.image import MAX_IMAGE_BYTES
+from stampline.pki.x509 import MAX_CERTIFICATE_PEM
 from stampline.recipe import parse_version
 from stampline.workspace import Workspace
 
@@ -60,28 +63,23 @@ def run_emulate(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be a version like 1.2.3.")
     if args.devices < 0 or args.devices > 256:
         raise UsageError("--devices must be between 0 and 256.")
-    workspace = Workspace.at(args.workdir, create=True)
-    attach = existing_devices(workspace.devices_dir) if args.attach_all else args.attach
-    if not args.devices and not attach:
-        raise UsageError("nothing to run: give --devices N, --attach CHIP_ID or --attach-all.")
     images = {}
     for spec in args.image:
         part, eq, path = spec.partition("=")
         if not eq or part not in ("bootloader", "manufacturing", "application"):
-            raise UsageError(f"--image takes PART=FILE with PART bootloader, manufacturing or application, not '{spec}'.")
-        try:
-            images[part] = Path(path).read_bytes()
-        except OSError:
-            raise UsageError(f"cannot read the image {path}.") from None
+            raise UsageError(f"--image takes PART=FILE with PART bootloader, manufacturing or application, "
+                             f"not '{shown(spec, 160)}'.")
+        images[part] = read_bounded(path, MAX_IMAGE_BYTES, "firmware image")
+    trust = None
+    if args.endpoint_ca:
+        trust = read_bounded(args.endpoint_ca, MAX_CERTIFICATE_PEM, "endpoint CA certificate")
+    workspace = Workspace.at(args.workdir, create=True)
+    attach = existing_devices(workspace.devices_dir) if args.attach_all else args.attach
+    if not args.devices and not attach:
+        raise UsageError("nothing to run: give --devices N, --attach CHIP_ID or --attach-all.")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    trust = None
-    if args.endpoint_ca:
-        try:
-            trust = Path(args.endpoint_ca).read_bytes()
-        except OSError:
-            raise UsageError(f"cannot read the endpoint CA {args.endpoint_ca}.") from None
     with Emulator(workspace.devices_dir, TimingModel(args.time_scale, args.baud), cloud_trust=trust) as emulator:
         for chip_id in attach:
             emulator.attach(chip_id)

@@ -11,10 +11,11 @@ from cryptography.hazmat.primitives import serialization
 
 from stampline import signing
 from stampline.cli.common import add_json, add_workdir, emit_json
-from stampline.errors import StamplineError, UsageError
-from stampline.files import write_atomically
+from stampline.errors import StamplineError, UsageError, shown
+from stampline.files import read_bounded, write_atomically
 from stampline.firmware import image as esp_image
 from stampline.firmware import secure_boot
+from stampline.pki.x509 import MAX_PUBLIC_KEY_PEM
 from stampline.workspace import Workspace
 
 
@@ -58,10 +59,7 @@ def register(groups: Any) -> None:
 
 
 def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError:
-        raise UsageError(f"cannot read {path}.") from None
+    return read_bounded(path, esp_image.MAX_IMAGE_BYTES, "firmware image")
 
 
 def _write(path: str, data: bytes) -> None:
@@ -97,9 +95,9 @@ def run_verify(args: argparse.Namespace) -> int:
     key = None
     if args.pubkey:
         try:
-            key = serialization.load_pem_public_key(_read(args.pubkey))
+            key = serialization.load_pem_public_key(read_bounded(args.pubkey, MAX_PUBLIC_KEY_PEM, "public key"))
         except ValueError:
-            raise UsageError(f"{args.pubkey} is not a PEM public key.") from None
+            raise UsageError(f"{shown(args.pubkey, 160)} is not a PEM public key.") from None
     block = secure_boot.verify_image(data, key)  # type: ignore[arg-type]
     if args.json:
         emit_json({"ok": True, "key_type": block.key_type, "key_digest": block.key_digest.hex()})

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from stampline.cli.common import add_json, add_workdir, emit_json, positive_int
 from stampline.cloud import manifest
 from stampline.cloud.registrar import Registrar
-from stampline.errors import StamplineError, UsageError
+from stampline.errors import UsageError
+from stampline.files import read_bounded
 from stampline.pki import x509 as px
 from stampline.workspace import Workspace
 
@@ -53,11 +53,7 @@ def _add_checks(parser: argparse.ArgumentParser) -> None:
 def _load_ca(path: str | None) -> Any:
     if path is None:
         return None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise StamplineError(f"cannot read the Sub CA certificate {path}: {exc.strerror or exc}.") from None
-    return px.load_certificate(data, "Sub CA certificate")
+    return px.load_certificate(read_bounded(path, px.MAX_CERTIFICATE_PEM, "Sub CA certificate"), "Sub CA certificate")
 
 
 def make_registrar(args: argparse.Namespace) -> Registrar:

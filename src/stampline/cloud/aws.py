@@ -25,7 +25,7 @@ from stampline.cloud.aws_device import (ACTIVE, PENDING, POLICY_NAME, REVOKED, D
                                         certificate_id_of, check_policy_name, check_thing_name, ensure_device,
                                         handle_registration_event, load_pem, pem_fingerprint, subject_value)
 from stampline.cloud.verification import check_registration, verification_certificate
-from stampline.files import fsync_dir, write_atomically
+from stampline.files import KiB, MiB, fsync_dir, read_bounded, write_atomically
 from stampline.errors import StamplineError
 from stampline.pki import x509 as px
 from stampline.station.ledger import Ledger
@@ -38,6 +38,8 @@ __all__ = ["AwsRegistrar", "Backoff", "DEFAULT_RATE", "client_api", "IotApi", "L
 #: RegisterCertificate and RegisterCertificateWithoutCA: 10 transactions per second by default
 #: (AWS IoT Core quotas; see docs/aws.md for the sources).
 DEFAULT_RATE = 10.0
+MAX_RECORD_BYTES = 64 * KiB  # ca.json: a certificate id, an ARN, a status (under 1 KiB)
+MAX_PROGRESS_BYTES = 64 * MiB  # progress.jsonl: about 200 bytes per registered certificate
 #: AWS errors that concern one certificate: the others of a bulk run can still go ahead.
 DEVICE_REFUSALS = frozenset({"CertificateValidationException", "CertificateStateException",
                              "CertificateConflictException"})
@@ -62,7 +64,7 @@ def _ca_record(workspace: Workspace, region: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(read_bounded(path, MAX_RECORD_BYTES, "CA registration record"))
         if isinstance(record, dict) and isinstance(record.get("certificate_id"), str):
             return record
     except ValueError:
@@ -146,7 +148,7 @@ def load_crl(workspace: Workspace) -> x509.CertificateRevocationList | None:
     if not workspace.crl_path.exists():
         return None
     try:
-        crl = x509.load_pem_x509_crl(workspace.crl_path.read_bytes())
+        crl = x509.load_pem_x509_crl(read_bounded(workspace.crl_path, px.MAX_CRL_PEM, "CRL"))
     except ValueError:
         raise StamplineError(f"{workspace.crl_path} is not a PEM CRL.") from None
     sub = load_sub(workspace)
@@ -168,7 +170,7 @@ class Progress:
             self._load()
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
+        data = read_bounded(self.path, MAX_PROGRESS_BYTES, "progress record")
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a line torn by a kill: its certificate is found again in AWS on the rerun
             with open(self.path, "r+b") as f:

@@ -19,11 +19,14 @@ from datetime import datetime, timezone
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampline import ceremony
+from stampline import ceremony, private
 from stampline.cloud import broker, jitr
 from stampline.cloud.registry import REVOKED, DeviceEntry, Registry
+from stampline.cloud.service import LIMITS_FILE, Limits
 from stampline.cloud.verification import verification_certificate
 from stampline.errors import StamplineError, UsageError
+from stampline.files import read_bounded
+from stampline.pki.x509 import MAX_CERTIFICATE_PEM, MAX_CRL_PEM
 from stampline.station.ledger import Ledger
 from stampline.workspace import Workspace
 
@@ -52,6 +55,8 @@ class Endpoint:
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
         self.files = broker.EndpointFiles(self.workdir)
+        if self.files.dir.is_dir():
+            private.warn_if_exposed(self.files.dir.resolve())
 
     def registry(self) -> Registry:
         if not self.files.exists:
@@ -60,7 +65,9 @@ class Endpoint:
 
     # -- processes ------------------------------------------------------------------------------
 
-    def up(self, port: int = DEFAULT_PORT) -> EndpointInfo:
+    def up(self, port: int = DEFAULT_PORT, limits: Limits | None = None) -> EndpointInfo:
+        """Start the endpoint on ``port`` with the service's ``limits`` (the defaults if None);
+        if it runs already, return its info and change nothing."""
         if broker.running(self.files, "service.pid"):
             return self.info()
         if not 1 <= port <= 65535:
@@ -71,13 +78,15 @@ class Endpoint:
             except OSError:
                 raise StamplineError(f"port {port} on 127.0.0.1 is in use; choose another with --port.") from None
         self.files.create(port)
+        private.create_file(self.files.path(LIMITS_FILE))  # 0600, before it is written
+        (limits or Limits()).save(self.files.path(LIMITS_FILE))
         Registry(self.files.path("registry.sqlite")).close()
         self._refresh_trust()
         broker.start_mosquitto(self.files)
-        log = open(self.files.path("service.log"), "ab")
+        log = open(self.files.path("service.log"), "ab", opener=private.opener)
         proc = subprocess.Popen([sys.executable, "-m", "stampline.cli.main", "endpoint", "serve",
                                  "--workdir", str(self.workdir)], stdout=log, stderr=log, start_new_session=True,
-                                env=broker.daemon_env())
+                                umask=private.UMASK, env=private.child_env(*private.PYTHON_ENV))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -85,7 +94,7 @@ class Endpoint:
                 raise StamplineError(f"the registration service did not start; see {self.files.path('service.log')}.")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    self.files.path("service.pid").write_text(str(proc.pid))
+                    private.write_file(self.files.path("service.pid"), str(proc.pid))
                     return self.info()
             except OSError:
                 time.sleep(0.05)
@@ -115,7 +124,7 @@ class Endpoint:
         """Trust bundle = each registered CA with the chain stored beside it; restart Mosquitto if running."""
         chains = []
         for path in sorted(self.files.dir.glob("ca-*.pem")):
-            chains.append(x509.load_pem_x509_certificates(path.read_bytes()))
+            chains.append(x509.load_pem_x509_certificates(read_bounded(path, MAX_CERTIFICATE_PEM, "CA chain")))
         self.files.write_trust(chains)
         self.files.write_config(self.files.ports())
 
@@ -138,9 +147,10 @@ class Endpoint:
             ca_id = registry.register_ca(sub, verification)
         finally:
             registry.close()
-        (self.files.dir / f"ca-{ca_id[:16]}.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in (root, sub)))
+        private.write_file(self.files.dir / f"ca-{ca_id[:16]}.pem",
+                           b"".join(c.public_bytes(Encoding.PEM) for c in (root, sub)))
         crl = ceremony.issue_crl(station, []) if not station.crl_path.exists() else \
-            x509.load_pem_x509_crl(station.crl_path.read_bytes())
+            x509.load_pem_x509_crl(read_bounded(station.crl_path, MAX_CRL_PEM, "CRL"))
         self._merge_crl(crl)
         self._refresh_trust()
         self._restart_broker()
@@ -169,7 +179,8 @@ class Endpoint:
                 raise StamplineError(f"the CRL's number {_crl_number(crl)} is not newer than the loaded "
                                      f"{_crl_number(current)}.")
             self._merge_crl(crl)
-            if not self.files.path("mosquitto.conf").read_text().count("crlfile"):
+            if b"crlfile" not in read_bounded(self.files.path("mosquitto.conf"), broker.MAX_STATE_BYTES,
+                                              "Mosquitto configuration"):
                 self.files.write_config(self.files.ports())
                 self._restart_broker()
             else:

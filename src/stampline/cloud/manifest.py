@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from stampline.cloud.registrar import Registrar
-from stampline.files import fsync_dir, write_atomically
-from stampline.errors import StamplineError
+from stampline.files import MiB, fsync_dir, read_bounded, write_atomically
+from stampline.errors import StamplineError, shown
 from stampline.pki import x509 as px
 from stampline.pki.token import KeyAlgorithm, PublicKey, Scheme, TokenSigner
 from stampline.pki.uri import Pkcs11Uri
@@ -59,7 +60,10 @@ HEADER_TYPE = "stampline-manifest+jws"
 MANIFEST_KEY = "manifest"  # the key's name in station.yaml and its object label in the token
 #: Ledger states of devices that are done on the line and belong in a manifest.
 MANIFEST_STATES = frozenset({DeviceState.PROVISIONED.value, DeviceState.LOCKING.value, DeviceState.SECURED.value})
-MAX_MANIFEST_BYTES = 1 << 30
+#: An entry takes 2.5 KB (EC P-256 device) to 3.7 KB (RSA-3072): some 140,000-200,000 devices.
+MAX_MANIFEST_BYTES = 512 * MiB
+#: A progress line takes about 200 bytes: room for more entries than a manifest holds.
+MAX_PROGRESS_BYTES = 64 * MiB
 MAX_PROTECTED_CHARS = 1024
 MAX_PAYLOAD_CHARS = 64 * 1024
 
@@ -117,11 +121,8 @@ def _es256_key(key: Any, what: str) -> ec.EllipticCurvePublicKey:
 
 def load_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
     """The manifest public key from a PEM (SubjectPublicKeyInfo) or JWK file."""
-    try:
-        data = Path(path).read_bytes()[:65536]
-    except OSError as exc:
-        raise StamplineError(f"cannot read the public key {path}: {exc.strerror or exc}.") from None
-    what = f"the public key in {path}"
+    data = read_bounded(path, px.MAX_PUBLIC_KEY_PEM, "public key")
+    what = f"the public key in {shown(str(path), 160)}"
     if data.lstrip().startswith(b"{"):
         try:
             jwk = _strict_json(data)
@@ -265,10 +266,10 @@ def export_manifest(workspace: Workspace, out: str | os.PathLike[str], batch: in
     if not devices:
         where = f" in batch {batch}" if batch is not None else ""
         raise StamplineError(f"the ledger holds no provisioned device{where} to put in a manifest.")
-    try:
-        sub_ca = px.load_certificate(workspace.sub_cert_path.read_bytes(), "Sub CA certificate")
-    except OSError:
-        raise StamplineError(f"the workspace has no Sub CA certificate at {workspace.sub_cert_path}.") from None
+    if not workspace.sub_cert_path.exists():
+        raise StamplineError(f"the workspace has no Sub CA certificate at {workspace.sub_cert_path}.")
+    sub_ca = px.load_certificate(read_bounded(workspace.sub_cert_path, px.MAX_CERTIFICATE_PEM, "Sub CA certificate"),
+                                 "Sub CA certificate")
     signer = ensure_manifest_key(workspace)
     data = build_manifest(devices, sub_ca, signer, config.station_id, batch)
     report = check_manifest(data, signer.public_key, sub_ca)
@@ -355,6 +356,11 @@ def _shown(value: Any) -> str | None:
     return clean if len(clean) <= 40 else clean[:37] + "..."
 
 
+def _brief(value: Any) -> str:
+    """Any value from the manifest, rendered bounded and printable for a report."""
+    return shown(reprlib.repr(value), 40)
+
+
 def _open_jws(jws: Any, key: ec.EllipticCurvePublicKey, kid: str, typ: str) -> dict[str, Any]:
     """The payload of a flattened JWS once its header and ES256 signature check out."""
     if not isinstance(jws, dict) or not {"protected", "payload", "signature"} <= jws.keys() \
@@ -386,13 +392,13 @@ def _open_jws(jws: Any, key: ec.EllipticCurvePublicKey, kid: str, typ: str) -> d
 def _require(payload: dict[str, Any], fields: set[str], types: dict[str, Any]) -> None:
     if payload.keys() != fields:
         odd = sorted(payload.keys() ^ fields)
-        raise _Bad(f"its payload does not have the expected members (check {', '.join(odd)})")
+        raise _Bad(f"its payload does not have the expected members (check {shown(', '.join(map(str, odd)))})")
     for name, kind in types.items():
         value = payload[name]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise _Bad(f"its payload member {name} has the wrong type")
     if payload["version"] != VERSION:
-        raise _Bad(f"its payload is version {payload['version']}, not {VERSION}")
+        raise _Bad(f"its payload is version {_brief(payload['version'])}, not {VERSION}")
 
 
 def _check_header(payload: dict[str, Any]) -> None:
@@ -491,7 +497,7 @@ def check_manifest(data: bytes, public_key: ec.EllipticCurvePublicKey,
                 or document["format"] != FORMAT or not isinstance(document["entries"], list):
             raise _Bad("it is not a stampline manifest (format, version, header, entries)")
         if document["version"] != VERSION:
-            raise _Bad(f"it is manifest version {document['version']}, which this stampline does not read")
+            raise _Bad(f"it is manifest version {_brief(document['version'])}, which this stampline does not read")
     except _Bad as exc:
         cut = " (cut short or corrupt)" if str(exc) == "it is not valid JSON" else ""
         report.problems.append(Problem(None, None, f"The manifest file is unreadable: {exc}{cut}."))
@@ -521,14 +527,15 @@ def check_manifest(data: bytes, public_key: ec.EllipticCurvePublicKey,
             if header and (payload["manifestId"], payload["station"]) != (header["manifestId"], header["station"]):
                 raise _Bad("it belongs to another manifest")
             if header and header["batch"] is not None and payload["batch"] != header["batch"]:
-                raise _Bad(f"it is from batch {payload['batch']}, not from the manifest's batch {header['batch']}")
+                raise _Bad(f"it is from batch {_brief(payload['batch'])}, not from the manifest's batch "
+                           f"{_brief(header['batch'])}")
             identity = (("unique id", entry.unique_id), ("serial", entry.serial), ("certificate", entry.certificate_pem))
             for what, value in identity:
                 if (what, value) in seen:
                     raise _Bad(f"it repeats the {what} of entry {seen[what, value]}")
             seen.update(dict.fromkeys(identity, index))
             if payload["seq"] != index:
-                raise _Bad(f"it carries sequence number {payload['seq']} (the entries were reordered, "
+                raise _Bad(f"it carries sequence number {_brief(payload['seq'])} (the entries were reordered, "
                            "or one was removed or added before it)")
             if previous_ok and expected_prev is not None and payload["prev"] != expected_prev:
                 raise _Bad(f"it does not chain to entry {index - 1}" if index else
@@ -562,13 +569,7 @@ def _is_jws_shaped(jws: Any) -> bool:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> bytes:
-    try:
-        size = os.stat(path).st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise StamplineError(f"the manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB.")
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise StamplineError(f"cannot read the manifest {path}: {exc.strerror or exc}.") from None
+    return read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
 
 
 def verify_manifest(path: str | os.PathLike[str], public_key: ec.EllipticCurvePublicKey,
@@ -602,7 +603,7 @@ def _read_progress(path: Path, manifest_id: str, registrar: str, entries: list[M
     accept (registration is idempotent)."""
     if not path.exists():
         return {}
-    data = path.read_bytes()
+    data = read_bounded(path, MAX_PROGRESS_BYTES, "progress record")
     complete = data[:data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         with open(path, "r+b") as f:

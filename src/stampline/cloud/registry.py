@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from stampline import private
 from stampline.cloud.verification import check_registration
 from stampline.errors import StamplineError
 
@@ -83,7 +84,8 @@ class Registry:
     name = "local endpoint"
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private.make_dir(path.parent)
+        private.create_file(path)  # 0600: SQLite gives its -wal and -shm files the same mode
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

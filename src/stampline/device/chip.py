@@ -13,10 +13,13 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from stampline import private
 from stampline.errors import StamplineError
+from stampline.files import KiB, read_bounded
 from stampline.firmware import image, partitions
 
 FLASH_SIZE = 4 * 1024 * 1024
+MAX_IDENTITY_BYTES = 4 * KiB  # chip.json: model, chip id, revision (under 100 bytes)
 ESPRESSIF_OUI = bytes.fromhex("7cdfa1")
 SUPPORTED = ("esp32c3", "esp32s3")
 
@@ -28,7 +31,7 @@ class Flash:
         self.path = path
         self.size = size
         if not path.exists():
-            with open(path, "wb") as f:
+            with open(path, "wb", opener=private.opener) as f:
                 f.write(b"\xff" * size)
         self._file = open(path, "r+b")
         if os.fstat(self._file.fileno()).st_size != size:
@@ -85,16 +88,17 @@ def new_identity(devices_root: Path, model: str) -> ChipIdentity:
 
 
 def save_identity(directory: Path, identity: ChipIdentity) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "chip.json").write_text(json.dumps(
+    private.make_dir(directory)
+    private.write_file(directory / "chip.json", json.dumps(
         {"model": identity.model, "chip_id": identity.hex, "revision": identity.revision}))
 
 
 def load_identity(directory: Path) -> ChipIdentity:
+    path = directory / "chip.json"
     try:
-        raw = json.loads((directory / "chip.json").read_text())
+        raw = json.loads(read_bounded(path, MAX_IDENTITY_BYTES, "chip identity")) if path.exists() else {}
         return ChipIdentity(raw["model"], bytes.fromhex(raw["chip_id"]), int(raw["revision"]))
-    except (OSError, ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         raise StamplineError(f"{directory} does not hold an emulated device.") from None
 
 

@@ -15,6 +15,7 @@ from stampline.device.efuse import Efuses
 from stampline.device.flash_crypt import EncryptedFlash
 from stampline.device.mfg_firmware import OWN_NAMESPACE
 from stampline.errors import StamplineError
+from stampline.files import read_bounded
 from stampline.firmware.nvs import NvsImage, parse_nvs_keys_partition
 from stampline.firmware.partitions import PARTITION_TABLE_OFFSET, TABLE_LENGTH, PartitionTable
 
@@ -28,7 +29,7 @@ def _open(devices_root: Path, chip_id: str) -> tuple[chip.ChipIdentity, Path]:
 def dump(devices_root: Path, chip_id: str) -> bytes:
     """The raw flash, as a flash reader clipped to the chip would see it: encrypted where encrypted."""
     _, directory = _open(devices_root, chip_id)
-    return (directory / "flash.bin").read_bytes()
+    return read_bounded(directory / "flash.bin", chip.FLASH_SIZE, "flash image")
 
 
 def efuse_summary(devices_root: Path, chip_id: str) -> str:

@@ -60,6 +60,9 @@ MAX_SIG_BLOCKS = 3
 SECTOR_SIZE = 4096
 MMU_PAGE_SIZE = 0x10000
 MAX_SEGMENTS = 16
+#: The largest image file stampline reads: 16 MiB, the most flash an ESP32-family chip addresses
+#: with 3-byte SPI addresses (no partition, hence no image, can be larger on such a flash).
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
 
 _CHECKSUM_SEED = 0xEF
 _WP_PIN_DISABLED = 0xEE

@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stampline.errors import StamplineError, UsageError
+from stampline.files import read_bounded
 
 
 class Secret:
@@ -95,7 +96,7 @@ class SealedPin:
 
 
 def _seal_key(workspace_id: str, create: bool) -> bytes:
-    if not workspace_id.isalnum():
+    if not workspace_id.isalnum() or len(workspace_id) > 64:
         raise UsageError("the workspace id in the station configuration is malformed.")
     path = seal_dir() / f"{workspace_id}.key"
     if create and not path.exists():
@@ -103,12 +104,11 @@ def _seal_key(workspace_id: str, create: bool) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
-    try:
-        key = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         raise StamplineError(
             f"the sealing key of this workspace is not on this machine ({path}); "
-            "a sealed PIN opens only on the station that sealed it.") from None
+            "a sealed PIN opens only on the station that sealed it.")
+    key = read_bounded(path, 32, "sealing key")
     if len(key) != 32:
         raise StamplineError(f"the sealing key {path} is damaged.")
     return key

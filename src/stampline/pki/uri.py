@@ -36,7 +36,10 @@ class Pkcs11Uri:
                                  "(stampline names keys by token and object).")
             if name in attrs:
                 raise UsageError(f"the PKCS#11 URI names '{name}' twice.")
-            attrs[name] = unquote(value, errors="strict")
+            try:
+                attrs[name] = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                raise UsageError(f"the PKCS#11 URI attribute '{name}' is not UTF-8 once %-decoded.") from None
         if "token" not in attrs or "object" not in attrs:
             raise UsageError("a key URI must name both the token and the object (pkcs11:token=...;object=...).")
         kind = attrs.get("type", "private")

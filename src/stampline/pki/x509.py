@@ -19,8 +19,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from stampline.errors import StamplineError
+from stampline.files import KiB, MiB
 from stampline.pki import der
 from stampline.pki.token import PublicKey, Scheme
+
+#: Bounds of the PEM files stampline reads. A certificate is 0.5-2 KiB (the protocol caps a
+#: device's at 4 KiB); 64 KiB holds a chain of dozens. A public key (PEM or JWK) is under 1 KiB
+#: even for RSA-4096. A CRL entry takes about 50 bytes of PEM: 16 MiB is some 300,000 revocations.
+MAX_CERTIFICATE_PEM = 64 * KiB
+MAX_PUBLIC_KEY_PEM = 16 * KiB
+MAX_CRL_PEM = 16 * MiB
 
 _ALGORITHM_IDS = {
     Scheme.ECDSA_SHA256: der.ECDSA_SHA256,

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from stampline.errors import StamplineError, UsageError
+from stampline.errors import StamplineError, UsageError, shown
+from stampline.files import read_bounded
 from stampline.firmware import image as esp_image
 from stampline.firmware import secure_boot
 from stampline.firmware.partitions import PartitionTable, bootloader_offset, default_table
+from stampline.pki.x509 import MAX_PUBLIC_KEY_PEM
 from stampline.recipe import Recipe, parse_version
 
 @dataclass(frozen=True)
@@ -60,40 +62,45 @@ class FirmwareSet:
         return cls(table, bootloader_offset(recipe.chip), images)
 
 
-def _load_key(path: Path) -> secure_boot.PublicKey:
+def _read(field: str, path: Path, limit: int, what: str) -> bytes:
+    """A file the recipe names, bounded; a refusal names the recipe field."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise UsageError(f"firmware.secure_boot_key: there is no file {path}.") from None
+        return read_bounded(path, limit, what)
+    except UsageError as exc:
+        raise UsageError(f"{field}: {exc}") from None
+
+
+def _load_key(path: Path) -> secure_boot.PublicKey:
+    data = _read("firmware.secure_boot_key", path, MAX_PUBLIC_KEY_PEM, "secure boot key")
+    try:
+        key = serialization.load_pem_public_key(data)
     except ValueError:
-        raise UsageError(f"firmware.secure_boot_key: {path} is not a PEM public key.") from None
+        raise UsageError(f"firmware.secure_boot_key: {shown(str(path), 160)} is not a PEM public key.") from None
     return key  # type: ignore[return-value]
 
 
 def _check(recipe: Recipe, part: str, path: Path, digest: str, key: secure_boot.PublicKey) -> CheckedImage:
     where = f"firmware.{part}.image"
-    try:
-        data = path.read_bytes()
-    except OSError:
-        raise UsageError(f"{where}: cannot read {path}.") from None
+    data = _read(where, path, esp_image.MAX_IMAGE_BYTES, "firmware image")
+    name = shown(path.name, 80)
     actual = hashlib.sha256(data).hexdigest()
     if actual != digest:
-        raise UsageError(f"{where}: {path.name} has SHA-256 {actual[:16]}..., not the recipe's {digest[:16]}....")
+        raise UsageError(f"{where}: {name} has SHA-256 {actual[:16]}..., not the recipe's {digest[:16]}....")
     try:
         info = esp_image.parse_image(data, expect_chip=recipe.chip)
         secure_boot.verify_image(data, key)
     except StamplineError as exc:
-        raise UsageError(f"{where}: {path.name}: {exc}") from None
+        raise UsageError(f"{where}: {name}: {exc}") from None
     version, secure_version = "", 0
     if part == "bootloader":
         if info.app is not None:
-            raise UsageError(f"{where}: {path.name} is an app image, not a bootloader.")
+            raise UsageError(f"{where}: {name} is an app image, not a bootloader.")
     else:
         if info.app is None:
-            raise UsageError(f"{where}: {path.name} is not an app image.")
+            raise UsageError(f"{where}: {name} is not an app image.")
         version, secure_version = info.app.version, info.app.secure_version
         if parse_version(version) is None or \
                 esp_image.compare_versions(version, recipe.firmware[part].min_version_text) < 0:
-            raise UsageError(f"{where}: {path.name} is version {version}, below the recipe's minimum "
+            raise UsageError(f"{where}: {name} is version {shown(version)}, below the recipe's minimum "
                              f"{recipe.firmware[part].min_version_text}.")
     return CheckedImage(part, data, zlib.compress(data, 9), version, secure_version)
