@@ -23,12 +23,14 @@ from urllib.parse import urlparse
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from stampline import ceremony, recipe as recipes, release as releases, signing
+from stampline import ceremony, private, recipe as recipes, release as releases, signing
 from stampline.cloud.broker import free_port
 from stampline.cloud.endpoint import Endpoint
 from stampline.device.emulator import DeviceOptions, Emulator
 from stampline.device.timing import TimingModel
 from stampline.errors import StamplineError
+from stampline.files import read_bounded
+from stampline.pki.x509 import MAX_CERTIFICATE_PEM
 from stampline.station.flow import DeviceResult
 from stampline.station.ledger import Ledger
 from stampline.station.line import Display, open_station, run_line
@@ -77,7 +79,7 @@ def verify_chains(workspace: Workspace, certs: dict[str, bytes]) -> list[str]:
             files.append(str(path))
         done = subprocess.run([openssl, "verify", "-x509_strict", "-purpose", "sslclient",
                                "-CAfile", str(workspace.root_cert_path), "-untrusted", str(workspace.sub_cert_path),
-                               *files], capture_output=True, text=True)
+                               *files], capture_output=True, text=True, env=private.child_env())
     ok_lines = {line.split(":")[0] for line in done.stdout.splitlines() if line.endswith(": OK")}
     return [f"the chain of {Path(f).stem} does not verify." for f in files if f not in ok_lines]
 
@@ -116,7 +118,7 @@ def run(workdir: Path, devices: int, time_scale: float = 0.0, show_progress: boo
     if not workspace.recipe_path.exists():
         template = recipes.TEMPLATE
         text, _ = _endpoint_port(workspace, template[:template.index("firmware:")] + release.recipe_firmware())
-        workspace.recipe_path.write_text(text)
+        private.write_file(workspace.recipe_path, text)
         created.append("recipe naming the signed release")
     recipe = recipes.load(workspace.recipe_path)
     endpoint = Endpoint(workspace.root)
@@ -142,7 +144,7 @@ def _line(workspace: Workspace, recipe: recipes.Recipe, release: releases.Releas
           time_scale: float, show_progress: bool, created: list[str], cloud_timeout: float) -> DemoReport:
     images = {part: release.data(part) for part in ("manufacturing", "application")}
     security: dict[str, DeviceSecurity] = {}
-    trust = Path(endpoint.info().ca_file).read_bytes()
+    trust = read_bounded(endpoint.info().ca_file, MAX_CERTIFICATE_PEM, "endpoint CA certificate")
     with Emulator(workspace.devices_dir, TimingModel(time_scale), cloud_trust=trust) as emulator:
         emulated = emulator.add_new(devices, DeviceOptions(model=recipe.chip, images=images))
         ports = [d.port for d in emulated]

@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from stampline import __version__
+from stampline import __version__, private
 from stampline.cli import (aws_cmd, ca_cmd, demo_cmd, device_cmd, endpoint_cmd, firmware_cmd, ledger_cmd, manifest_cmd, recipe_cmd,
                            station_cmd)
 from stampline.cli.common import Parser
@@ -27,6 +27,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(private.UMASK)  # whatever this process or a library creates is its user's alone
     try:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)

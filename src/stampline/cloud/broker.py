@@ -29,8 +29,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from stampline import private
 from stampline.errors import StamplineError
-from stampline.files import write_atomically
+from stampline.files import KiB, read_bounded, write_atomically
+from stampline.pki.x509 import MAX_CERTIFICATE_PEM, MAX_CRL_PEM
+
+MAX_STATE_BYTES = 64 * KiB  # endpoint.json, mosquitto.conf, pid files: a few hundred bytes
+MAX_CRL_FILE = 4 * MAX_CRL_PEM  # crl.pem: one CRL per registered CA
 
 SERVICE_USER = "stampline-service"
 EVENT_TOPIC = "$aws/events/certificates/registered/{ca_id}"
@@ -71,29 +76,30 @@ class EndpointFiles:
         return path
 
     def ports(self) -> Ports:
+        path = self.path("endpoint.json")
         try:
-            raw = json.loads(self.path("endpoint.json").read_text())
+            raw = json.loads(read_bounded(path, MAX_STATE_BYTES, "endpoint record")) if path.exists() else {}
             return Ports(int(raw["port"]), str(raw["internal_socket"]), str(raw["admin_socket"]))
-        except (OSError, ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             raise StamplineError(f"{self.dir} holds no endpoint; run 'stampline endpoint up' first.") from None
 
     def create(self, port: int) -> Ports:
         """Make the endpoint's identity and configuration (once)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private.make_dir(self.dir)
         if not self.path("server-ca.pem").exists():
             self._make_identity()
         sockets = self.socket_dir()
         ports = Ports(port, str(sockets / "devices"), str(sockets / "service"))
-        self.path("endpoint.json").write_text(json.dumps(
+        private.write_file(self.path("endpoint.json"), json.dumps(
             {"host": "127.0.0.1", "port": ports.public, "internal_socket": ports.internal, "admin_socket": ports.admin,
              "ca_file": str(self.path("server-ca.pem"))}))
         # OpenSSL's own configuration caps Mosquitto at TLS 1.2 (its tls_version is a minimum only)
-        self.path("openssl.cnf").write_text(
+        private.write_file(self.path("openssl.cnf"), (
             "openssl_conf = default_conf\n[default_conf]\nssl_conf = ssl_sect\n[ssl_sect]\n"
-            "system_default = system_default_sect\n[system_default_sect]\nMaxProtocol = TLSv1.2\n")
+            "system_default = system_default_sect\n[system_default_sect]\nMaxProtocol = TLSv1.2\n"))
         self.write_acl()
         if not self.path("trust.pem").exists():
-            self.path("trust.pem").write_bytes(self.path("server-ca.pem").read_bytes())  # no device CA yet
+            private.write_file(self.path("trust.pem"), self._server_ca())  # no device CA yet
         self.write_config(ports)
         return ports
 
@@ -130,23 +136,25 @@ class EndpointFiles:
         leaf("service", SERVICE_USER, ExtendedKeyUsageOID.CLIENT_AUTH, False)
 
     def _write_pem(self, name: str, cert: x509.Certificate) -> None:
-        self.path(name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        private.write_file(self.path(name), cert.public_bytes(serialization.Encoding.PEM))
 
     def _write_key(self, name: str, key: ec.EllipticCurvePrivateKey) -> None:
-        fd = os.open(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
+        with open(self.path(name), "wb", opener=private.opener) as f:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption()))
 
     def write_acl(self) -> None:
-        self.path("acl").write_text(f"user {SERVICE_USER}\ntopic readwrite #\ntopic readwrite $aws/#\n\n"
-                                    "# a device, authenticated by its certificate (username = its CN, the serial),\n"
-                                    "# may use its own topics only\npattern readwrite devices/%u/#\n")
+        private.write_file(self.path("acl"), f"user {SERVICE_USER}\ntopic readwrite #\ntopic readwrite $aws/#\n\n"
+                           "# a device, authenticated by its certificate (username = its CN, the serial),\n"
+                           "# may use its own topics only\npattern readwrite devices/%u/#\n")
 
     def write_trust(self, chains: list[list[x509.Certificate]]) -> None:
         """The roots Mosquitto verifies device chains against: those of the registered CAs."""
         pems = b"".join(c.public_bytes(serialization.Encoding.PEM) for chain in chains for c in chain)
-        self.path("trust.pem").write_bytes(pems or self.path("server-ca.pem").read_bytes())
+        private.write_file(self.path("trust.pem"), pems or self._server_ca())
+
+    def _server_ca(self) -> bytes:
+        return read_bounded(self.path("server-ca.pem"), MAX_CERTIFICATE_PEM, "endpoint CA certificate")
 
     def write_crl(self, crls: list[x509.CertificateRevocationList]) -> None:
         write_atomically(self.path("crl.pem"), b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
@@ -155,7 +163,7 @@ class EndpointFiles:
         path = self.path("crl.pem")
         if not path.exists():
             return []
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_CRL_FILE, "CRL file")
         blocks = [b"-----BEGIN X509 CRL-----" + part for part in data.split(b"-----BEGIN X509 CRL-----")[1:]]
         return [x509.load_pem_x509_crl(block) for block in blocks]
 
@@ -163,7 +171,7 @@ class EndpointFiles:
         p = self.path
         crl = f"crlfile {p('crl.pem')}\n" if p("crl.pem").exists() else ""
         # Started as root, Mosquitto would drop to the 'mosquitto' user and lose access to these files.
-        p("mosquitto.conf").write_text(
+        private.write_file(p("mosquitto.conf"), (
             f"user {pwd.getpwuid(os.getuid()).pw_name}\npersistence false\nlog_dest file {p('mosquitto.log')}\n"
             "log_type error\nlog_type warning\nlog_type notice\nconnection_messages true\n"
             f"set_tcp_nodelay true\nallow_anonymous false\nacl_file {p('acl')}\nmax_keepalive 300\n\n"
@@ -174,7 +182,7 @@ class EndpointFiles:
             f"tls_version tlsv1.2\n{crl}\n"
             f"# the registration service\nlistener 0 {ports.admin}\ncafile {p('server-ca.pem')}\n"
             f"certfile {p('server.pem')}\nkeyfile {p('server.key')}\nrequire_certificate true\n"
-            "use_identity_as_username true\n")
+            "use_identity_as_username true\n"))
 
 
 def mosquitto_binary() -> str:
@@ -186,39 +194,41 @@ def mosquitto_binary() -> str:
 
 def _pid(path: Path) -> int | None:
     try:
-        pid = int(path.read_text().strip())
+        pid = int(read_bounded(path, MAX_STATE_BYTES, "pid file").strip())
         os.kill(pid, 0)
         return pid
-    except (OSError, ValueError):
+    except (OSError, ValueError, StamplineError):
         return None
 
 
-_DAEMON_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
-
-
-def daemon_env() -> dict[str, str]:
-    """What a long-running child may see of our environment: never a PIN variable."""
-    return {name: os.environ[name] for name in _DAEMON_ENV if name in os.environ}
+def _tail(path: Path, size: int) -> str:
+    """The last ``size`` bytes of a log (as text), however long it grew; "" if there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read(size).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def start_mosquitto(files: EndpointFiles) -> int:
-    log = open(files.path("mosquitto.stderr"), "ab")
+    log = open(files.path("mosquitto.stderr"), "ab", opener=private.opener)
     ports = files.ports()
     for path in (ports.internal, ports.admin):
         Path(path).unlink(missing_ok=True)
     proc = subprocess.Popen([mosquitto_binary(), "-c", str(files.path("mosquitto.conf"))], stdout=log, stderr=log,
-                            start_new_session=True,
-                            env={**daemon_env(), "OPENSSL_CONF": str(files.path("openssl.cnf"))})
+                            start_new_session=True, umask=private.UMASK,
+                            env=private.child_env(OPENSSL_CONF=str(files.path("openssl.cnf"))))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = files.path("mosquitto.log").read_text()[-300:] if files.path("mosquitto.log").exists() else ""
+            tail = _tail(files.path("mosquitto.log"), 300)
             raise StamplineError(f"mosquitto did not start: {tail.strip().splitlines()[-1] if tail.strip() else 'see its log'}.")
         try:
             with socket.socket(socket.AF_UNIX) as probe:
                 probe.settimeout(0.2)
                 probe.connect(ports.internal)
-                files.path("mosquitto.pid").write_text(str(proc.pid))
+                private.write_file(files.path("mosquitto.pid"), str(proc.pid))
                 return proc.pid
         except OSError:
             time.sleep(0.05)

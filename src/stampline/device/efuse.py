@@ -50,8 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from stampline import private
 from stampline.device.flash_crypt import XTS_KEY_SIZES, check_key
 from stampline.errors import StamplineError
+from stampline.files import KiB, read_bounded
 
 if TYPE_CHECKING:
     from espefuse import BaseCommands
@@ -296,26 +298,27 @@ class Efuses:
         if size not in (0, EFUSE_FILE_SIZE):
             # espefuse would silently start a blank chip over a file it cannot read.
             raise StamplineError(f"{self.path} is not a {EFUSE_FILE_SIZE}-byte virtual eFuse file.")
+        private.create_file(self.path)  # 0600: espefuse would make it 0644 (it holds the XTS key)
         commands = espefuse.init_commands(chip=self.chip, virt=True, virt_efuse_file=str(self.path),
                                           do_not_confirm=True)
         commands.efuses.postpone = True  # as the command line: protection and door bits burn last
         return commands
 
     def _read_file(self) -> bytes | None:
-        return self.path.read_bytes() if self.path.exists() else None
+        return read_bounded(self.path, EFUSE_FILE_SIZE, "virtual eFuse file") if self.path.exists() else None
 
     def _load_hidden(self) -> dict[str, str]:
-        try:
-            return json.loads(self.hardware_path.read_text())
-        except FileNotFoundError:
+        if not self.hardware_path.exists():
             return {}
+        try:  # a few keys of at most 32 bytes, in hex
+            return json.loads(read_bounded(self.hardware_path, 4 * KiB, "hardware key file"))
         except ValueError:
             raise StamplineError(f"{self.hardware_path} is not the emulator's hardware key file.") from None
 
     def _save_hidden(self, blocks: dict[str, bytes]) -> None:
         hidden = {**self._load_hidden(), **{name: value.hex() for name, value in blocks.items()}}
         temporary = self.hardware_path.with_name(self.hardware_path.name + ".tmp")
-        with open(temporary, "w") as file:
+        with open(temporary, "w", opener=private.opener) as file:
             json.dump(hidden, file)
             file.flush()
             os.fsync(file.fileno())
