@@ -9,6 +9,7 @@ import socket
 import ssl
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,6 +27,7 @@ from stampline.cloud import jitr
 from stampline.cloud.broker import free_port
 from stampline.cloud.endpoint import Endpoint
 from stampline.cloud.registry import ACTIVE, PENDING, REVOKED, Registry
+from stampline.cloud.service import Limits
 from stampline.cloud.verification import verification_certificate
 from stampline.device.cloud_client import tls_context
 from stampline.device.emulator import DeviceOptions, Emulator, EmulatedDevice
@@ -68,7 +70,15 @@ class Line:
 
 @pytest.fixture(scope="module")
 def line(tmp_path_factory: pytest.TempPathFactory, ca_workspace: Workspace, release) -> Iterator[Line]:  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("endpoint-line")
+    with open_line(tmp_path_factory.mktemp("endpoint-line"), ca_workspace, release) as made:
+        yield made
+
+
+@contextmanager
+def open_line(root: Path, ca_workspace: Workspace, release, count: int = 3,  # type: ignore[no-untyped-def]
+              limits: Limits | None = None) -> Iterator[Line]:
+    """A station copied from the CA workspace, an endpoint up with ``limits``, and ``count``
+    devices provisioned and secured by the station (they then connect on their own)."""
     station = Workspace.at(root / "station", create=True)
     shutil.copytree(ca_workspace.root, station.root, dirs_exist_ok=True)
     conf = station.softhsm_dir / "softhsm2.conf"
@@ -76,16 +86,16 @@ def line(tmp_path_factory: pytest.TempPathFactory, ca_workspace: Workspace, rele
     port = free_port()
     station.recipe_path.write_text(secure_recipe(release).replace("mqtts://127.0.0.1:8883", f"mqtts://127.0.0.1:{port}"))
     endpoint = Endpoint(root / "cloud")
-    endpoint.up(port)
+    endpoint.up(port, limits)
     try:
         endpoint.register_ca(station)
         trust = Path(endpoint.info().ca_file).read_bytes()
         with Emulator(station.devices_dir, TimingModel(0), cloud_trust=trust) as emulator:
-            devices = emulator.add_new(3, DeviceOptions(images={"manufacturing": release.data("manufacturing"),
-                                                                "application": release.data("application")}))
+            devices = emulator.add_new(count, DeviceOptions(images={"manufacturing": release.data("manufacturing"),
+                                                                      "application": release.data("application")}))
             with open_station(station, recipes.load(station.recipe_path)) as context:
                 results = run_line(context, [d.port for d in devices])
-            assert [r.outcome for r in results] == ["secured"] * 3, [r.reason for r in results]
+            assert [r.outcome for r in results] == ["secured"] * count, [r.reason for r in results]
             yield Line(station, endpoint, emulator, devices, [r.serial for r in results])
     finally:
         endpoint.down()

@@ -8,6 +8,9 @@ from typing import Any
 
 from stampline.cli.common import add_json, add_workdir, emit_json, positive_int
 from stampline.cloud.endpoint import DEFAULT_PORT, Endpoint, serve
+from stampline.files import read_bounded
+from stampline.pki.x509 import MAX_CRL_PEM
+from stampline.cloud.service import Limits
 from stampline.workspace import Workspace
 
 
@@ -26,6 +29,16 @@ def register(groups: Any) -> None:
 
     up = action("up", "start Mosquitto and the registration service on 127.0.0.1", run_up)
     up.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help="where devices connect")
+    defaults = Limits()
+    up.add_argument("--handshake-timeout", type=seconds, default=defaults.handshake_timeout, metavar="S",
+                    help="seconds a client has from its connection to the end of its handshake's clear part "
+                         f"(default {defaults.handshake_timeout:g})")
+    up.add_argument("--idle-timeout", type=seconds, default=defaults.idle_timeout, metavar="S",
+                    help=f"seconds a client has to send its first byte (default {defaults.idle_timeout:g})")
+    up.add_argument("--max-per-source", type=positive_int, default=defaults.max_per_source, metavar="N",
+                    help=f"handshakes in progress from one address (default {defaults.max_per_source})")
+    up.add_argument("--max-connections", type=positive_int, default=defaults.max_connections, metavar="N",
+                    help=f"connections in all (default {defaults.max_connections})")
     action("down", "stop them", run_down)
     action("info", "host, port and the CA file a client needs to trust the endpoint", run_info)
     action("devices", "device certificates and their states", run_devices)
@@ -40,8 +53,16 @@ def register(groups: Any) -> None:
     action("serve", "run the registration service in the foreground (what 'up' starts)", run_serve, json_out=False)
 
 
+def seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+
+
 def run_up(args: argparse.Namespace) -> int:
-    info = Endpoint(Path(args.workdir)).up(args.port)
+    limits = Limits(args.handshake_timeout, args.idle_timeout, args.max_per_source, args.max_connections)
+    info = Endpoint(Path(args.workdir)).up(args.port, limits)
     emit_json(info.to_dict()) if args.json else print(f"endpoint up on {info.host}:{info.port}; clients trust {info.ca_file}")
     return 0
 
@@ -90,11 +111,7 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_crl(args: argparse.Namespace) -> int:
-    try:
-        data = Path(args.crl).read_bytes()
-    except OSError:
-        from stampline.errors import UsageError
-        raise UsageError(f"cannot read {args.crl}.") from None
+    data = read_bounded(args.crl, MAX_CRL_PEM, "CRL")
     revoked = Endpoint(Path(args.workdir)).update_crl(data)
     emit_json({"revoked": revoked}) if args.json else print(f"CRL loaded; {revoked} device(s) revoked by it")
     return 0

@@ -13,6 +13,12 @@ byte passes:
 
 Revocation takes effect at once: the service closes the live connections of a certificate the
 moment the registry says REVOKED (and Mosquitto refuses it at the handshake once the CRL has it).
+
+Before a client's handshake is through it is untrusted and cheap to fake, so the service bounds
+what it may hold (``Limits``): its first byte within the idle timeout, the clear part of its
+handshake within the handshake timeout, so many handshakes in progress per source address, so
+many connections in all. Over a limit a connection is accepted and reset at once: the listener
+keeps accepting, so a flood from one address never stops a device from another one.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import socket
 import ssl
+import struct
 import threading
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +43,61 @@ from cryptography import x509
 from stampline.cloud import broker, jitr
 from stampline.cloud.registry import ACTIVE, PENDING, REVOKED, Registry, fingerprint
 from stampline.cloud.tap import CertificateTap, TapError
+from stampline.errors import StamplineError, UsageError
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2
+LOG_EVERY = 10.0  # seconds between two log lines about closed connections of one reason
+LIMITS_FILE = "limits.json"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What clients may hold of the service before their TLS handshake is through."""
+
+    handshake_timeout: float = 10.0  # seconds from accept to the client's ChangeCipherSpec
+    idle_timeout: float = 5.0  # seconds from accept to the client's first byte
+    max_per_source: int = 64  # handshakes in progress from one source address
+    max_connections: int = 1024  # connections in all, in the handshake or relayed
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise UsageError(f"--{name.replace('_', '-')} must be more than 0 and at most 3600 seconds.")
+        for name in ("max_per_source", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
+                raise UsageError(f"--{name.replace('_', '-')} must be a whole number from 1 to 1000000.")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> Limits:
+        """The limits in ``path``; the defaults if there is none."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError):
+            raise StamplineError(f"{path} is not a limits file; run 'stampline endpoint up' again.") from None
+        if not isinstance(raw, dict):
+            raise StamplineError(f"{path} is not a limits file; run 'stampline endpoint up' again.")
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 class RegistrationService:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, limits: Limits | None = None) -> None:
         self.files = broker.EndpointFiles(workdir)
         self.ports = self.files.ports()
+        self.limits = limits if limits is not None else Limits.load(self.files.path(LIMITS_FILE))
         self.registry = Registry(self.files.path("registry.sqlite"))
         self.live: dict[str, set[asyncio.StreamWriter]] = {}
+        self.connections = 0  # open client connections
+        self.handshaking: Counter[str] = Counter()  # source address -> connections in the handshake
+        self.closed: Counter[str] = Counter()  # reason -> connections refused or timed out
+        self._logged: dict[str, float] = {}
         self._events: mqtt.Client | None = None
         self._crl_cache: list[x509.CertificateRevocationList] = []
         self._crl_stamp: int | None = None
@@ -87,45 +141,105 @@ class RegistrationService:
 
     # -- the relay --------------------------------------------------------------------------
 
+    def _refusal(self, source: str) -> tuple[str, str] | None:
+        """Why a new connection from ``source`` is over a limit (kind, detail); None if it is not."""
+        if self.connections >= self.limits.max_connections:
+            return "connection limit", f"{self.connections} connections open"
+        if self.handshaking[source] >= self.limits.max_per_source:
+            return "per-source limit", f"{self.handshaking[source]} handshakes in progress from it"
+        return None
+
+    def _note(self, kind: str, detail: str, source: str) -> None:
+        """Count a connection closed by a limit; log at most one line per kind every LOG_EVERY seconds
+        (the source address and what happened, never a byte the client sent)."""
+        self.closed[kind] += 1
+        now = time.monotonic()
+        if now - self._logged.get(kind, -LOG_EVERY) >= LOG_EVERY:
+            self._logged[kind] = now
+            log.warning("closed a connection from %s: %s: %s (%d so far)", source, kind, detail, self.closed[kind])
+
+    def _settle(self, source: str) -> None:
+        self.handshaking[source] -= 1
+        if self.handshaking[source] <= 0:
+            del self.handshaking[source]
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_unix_connection(self.ports.internal)
-        except OSError:
-            writer.close()
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        refusal = self._refusal(source)
+        if refusal is not None:
+            self._note(*refusal, source)
+            _reset(writer)
             return
-        down = asyncio.create_task(_pump(up_reader, writer))
-        tap = CertificateTap()
-        cert_id = ""
+        self.connections += 1
+        self.handshaking[source] += 1
+        handshaking = True
         loop = asyncio.get_running_loop()
+        accepted = loop.time()
+        up_writer: asyncio.StreamWriter | None = None
+        down: asyncio.Task[None] | None = None
+        tap = CertificateTap()
+        decided = False
+        cert_id = ""
         try:
-            while data := await reader.read(65536):
-                if not tap.done:  # the handshake: read the certificate on its way to Mosquitto
-                    try:
-                        tap.feed(data)
-                    except TapError:
-                        return
-                    if tap.chain is not None:
-                        allowed, cert_id = await loop.run_in_executor(None, self._decide, tap.chain)
-                        if allowed is None:
-                            up_writer.write(data)
-                            await up_writer.drain()
+            while not tap.done:  # the clear part of the handshake, against the clock
+                idle = up_writer is None  # no byte yet
+                limit = min(self.limits.idle_timeout, self.limits.handshake_timeout) if idle \
+                    else self.limits.handshake_timeout
+                try:
+                    async with asyncio.timeout_at(accepted + limit):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    self._note("idle timeout" if idle else "handshake timeout",
+                               f"{'no byte' if idle else 'the handshake not through'} after {limit:g} s", source)
+                    return
+                if not data:
+                    return
+                if up_writer is None:  # only a client that speaks costs a connection to Mosquitto
+                    up_reader, up_writer = await asyncio.open_unix_connection(self.ports.internal)
+                    down = asyncio.create_task(_pump(up_reader, writer))
+                try:  # read the certificate on its way to Mosquitto
+                    tap.feed(data)
+                except TapError as exc:
+                    self._note("malformed handshake", str(exc), source)
+                    return
+                if tap.chain is not None and not decided:
+                    decided = True
+                    allowed, cert_id = await loop.run_in_executor(None, self._decide, tap.chain)
+                    if allowed is None:
+                        up_writer.write(data)
+                        await up_writer.drain()
+                        if down is not None:
                             await asyncio.wait([down], timeout=2.0)  # Mosquitto's alert reaches the client
-                            return
-                        if not allowed:
-                            return
-                        self.live.setdefault(cert_id, set()).add(writer)
-                    elif tap.done:
-                        return  # no client certificate: Mosquitto would refuse it anyway
+                        return
+                    if not allowed:
+                        return
+                    self.live.setdefault(cert_id, set()).add(writer)
+                elif tap.done and tap.chain is None:
+                    return  # no client certificate: Mosquitto would refuse it anyway
                 up_writer.write(data)
                 await up_writer.drain()
-        except ConnectionError:
+            handshaking = False
+            self._settle(source)
+            assert up_writer is not None
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+        except OSError:  # ConnectionError, or Mosquitto's socket gone
             pass
+        except Exception:  # never let one connection take the listener down
+            log.exception("a connection from %s failed", source)
         finally:
+            if handshaking:
+                self._settle(source)
+            self.connections -= 1
             if cert_id:
                 self.live.get(cert_id, set()).discard(writer)
-            down.cancel()
-            for w in (writer, up_writer):
-                w.close()
+            if down is not None:
+                down.cancel()
+            writer.close()
+            if up_writer is not None:
+                up_writer.close()
 
     async def _watch_revocations(self) -> None:
         known: set[str] = set()
@@ -194,6 +308,11 @@ class RegistrationService:
             events.publish(topic, json.dumps(payload), qos=1)
 
     async def serve(self, ready: threading.Event | None = None) -> None:
+        fit = _open_files_for(self.limits.max_connections)
+        if fit < self.limits.max_connections:
+            log.warning("the limit on open files allows %d connections, not %d", fit, self.limits.max_connections)
+            self.limits = Limits(**{**asdict(self.limits), "max_connections": fit})
+        log.info("limits: %s", asdict(self.limits))
         server = await asyncio.start_server(self._client, "127.0.0.1", self.ports.public, backlog=1024)
         # events and hellos ride a client of Mosquitto's service listener; devices need not wait for it
         threading.Thread(target=self._connect_events, name="events", daemon=True).start()
@@ -224,3 +343,26 @@ async def _pump(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> N
         pass
     finally:
         target.close()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close at once with a TCP reset: nothing is flushed and no TIME_WAIT is left behind."""
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
+
+
+def _open_files_for(connections: int) -> int:
+    """Raise the soft limit on open files so that ``connections`` relayed connections fit (two
+    descriptors each, and some to spare); returns how many fit."""
+    spare = 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * connections + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return connections if soft == resource.RLIM_INFINITY else max(1, min(connections, (soft - spare) // 2))
