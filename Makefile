@@ -3,7 +3,7 @@ VENV ?= .venv
 DEVICES ?= 8
 WORKDIR ?= demo-workspace
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench campaign clean
 
 setup:
 	@VENV=$(VENV) ./scripts/setup.sh
@@ -18,6 +18,11 @@ bench: setup
 	$(VENV)/bin/python bench/issuance.py
 	$(VENV)/bin/python bench/line_time.py
 	$(VENV)/bin/python bench/jitr.py
+
+# The hostile-input and fault campaigns at full size (the test suite runs seeded samples of each).
+campaign: setup
+	$(VENV)/bin/python bench/fuzz.py
+	$(VENV)/bin/python bench/faults.py
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache

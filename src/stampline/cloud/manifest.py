@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -134,7 +134,7 @@ def load_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
             raise StamplineError(f"{what} is not a valid EC P-256 JWK.") from None
     try:
         key = serialization.load_pem_public_key(data)
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise StamplineError(f"{what} is neither a PEM public key nor a JWK.") from None
     return _es256_key(key, what)
 
@@ -367,8 +367,9 @@ def _open_jws(jws: Any, key: ec.EllipticCurvePublicKey, kid: str, typ: str) -> d
             or not jws.keys() <= {"protected", "payload", "signature", "header"}:
         raise _Bad("it is not a flattened JWS object (protected, payload, signature)")
     if not isinstance(jws["protected"], str) or len(jws["protected"]) > MAX_PROTECTED_CHARS \
-            or not isinstance(jws["payload"], str) or len(jws["payload"]) > MAX_PAYLOAD_CHARS:
-        raise _Bad("its protected header or payload is missing or too long")
+            or not isinstance(jws["payload"], str) or len(jws["payload"]) > MAX_PAYLOAD_CHARS \
+            or not (jws["protected"] + jws["payload"]).isascii():
+        raise _Bad("its protected header or payload is missing, too long or not base64url")
     protected = _strict_json(b64url_decode(jws["protected"], "protected header"))
     if not isinstance(protected, dict) or protected.keys() != {"alg", "typ", "kid"} \
             or (protected["alg"], protected["typ"]) != ("ES256", typ):
@@ -412,8 +413,8 @@ def _certificate(text: Any, what: str) -> x509.Certificate:
     if not isinstance(text, str):
         raise _Bad(f"its {what} in x5c is not a string")
     try:
-        return x509.load_der_x509_certificate(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError):
+        return px.load_certificate(base64.b64decode(text, validate=True), what)
+    except (binascii.Error, ValueError, StamplineError):
         raise _Bad(f"its {what} in x5c is not a base64 DER certificate") from None
 
 

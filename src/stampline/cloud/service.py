@@ -44,6 +44,7 @@ from stampline.cloud import broker, jitr
 from stampline.cloud.registry import ACTIVE, PENDING, REVOKED, Registry, fingerprint
 from stampline.cloud.tap import CertificateTap, TapError
 from stampline.errors import StamplineError, UsageError
+from stampline.pki.x509 import load_certificate
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2
@@ -109,8 +110,8 @@ class RegistrationService:
         """(go on, certificate id); None: not from a registered CA — the handshake goes on so that
         Mosquitto refuses a foreign chain itself, and the service closes whatever it lets through."""
         try:
-            leaf = x509.load_der_x509_certificate(chain[0])
-        except (ValueError, IndexError):
+            leaf = load_certificate(chain[0], "device certificate")
+        except (StamplineError, IndexError):
             return False, ""
         cert_id = fingerprint(leaf)
         state = self.registry.state(cert_id)

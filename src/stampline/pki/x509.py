@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Iterable, Protocol, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -151,8 +151,12 @@ def build_crl(issuer: x509.Name, issuer_key_id: bytes, number: int, this_update:
 def verify_signed_by(cert: x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest,
                      public_key: PublicKey) -> bool:
     """Whether ``cert`` (or CRL/CSR) carries a valid signature by ``public_key``."""
-    algorithm = cert.signature_hash_algorithm
-    assert isinstance(algorithm, hashes.HashAlgorithm)
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return False
+    if not isinstance(algorithm, hashes.HashAlgorithm):  # Ed25519 and the like: not ours
+        return False
     data = cert.tbs_certrequest_bytes if isinstance(cert, x509.CertificateSigningRequest) else (
         cert.tbs_certlist_bytes if isinstance(cert, x509.CertificateRevocationList) else cert.tbs_certificate_bytes)
     try:
@@ -168,11 +172,17 @@ def verify_signed_by(cert: x509.Certificate | x509.CertificateRevocationList | x
 
 
 def load_certificate(data: bytes, what: str = "certificate") -> x509.Certificate:
+    """A certificate from DER or PEM, every field parsed now: ``cryptography`` parses names, keys
+    and extensions only when they are first read, so a malformed field would otherwise raise
+    far from here, long after the certificate was accepted."""
     try:
-        return x509.load_der_x509_certificate(data) if not data.lstrip().startswith(b"-----") \
+        cert = x509.load_der_x509_certificate(data) if not data.lstrip().startswith(b"-----") \
             else x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise StamplineError(f"the {what} is not a well-formed X.509 certificate.") from None
+        cert.issuer, cert.subject, cert.extensions, cert.public_key()  # noqa: B018
+        cert.signature_hash_algorithm, cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+    except (ValueError, UnsupportedAlgorithm):
+        raise StamplineError(f"the {what} is not a well-formed X.509 certificate with a key stampline knows.") from None
+    return cert
 
 
 def fingerprint(der_bytes: bytes) -> str:
